@@ -1,0 +1,144 @@
+"""The operator's database commands as real processes: concurrent db_migrate, db_status on the
+embedded server, an unreachable server, and configuration errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from multiprocess_connection_manager import EmbeddedPostgres, discover_migrations
+from tests.conftest import ROOT, reachable_tempdir
+
+CLI = [sys.executable, str(ROOT / "enhanced_ipc_commands.py")]
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 60, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def test_db_migrate_eight_times_at_once_applies_every_migration_once(cli_env):
+    procs = [subprocess.Popen([*CLI, "db_migrate", "--json"], env=cli_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 8, outputs
+    applied = [name for out, _ in outputs for name in json.loads(out)["migrations"]]
+    assert sorted(applied) == [m.label for m in discover_migrations()]
+
+    status = run_cli("db_status", "--json", env=cli_env)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["connected"] is True
+    assert report["migrations"]["pending"] == 0
+    assert report["migrations"]["drifted"] == []
+    assert report["migrations"]["applied"] == len(discover_migrations())
+    assert any(c["process"] == "dims:cli" for c in report["connections"])
+
+
+def test_db_migrate_dry_run_lists_and_applies_nothing(cli_env):
+    result = run_cli("db_migrate", "--dry-run", env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("would apply: 0001_core")
+    status = json.loads(run_cli("--json", "db_status", env=cli_env).stdout)
+    assert status["migrations"]["applied"] == 0
+    assert status["migrations"]["pending"] == len(discover_migrations())
+
+
+def test_db_status_with_nothing_configured_starts_the_embedded_server_and_then_reuses_it(tmp_path):
+    home = reachable_tempdir("dims-test-cli-embedded-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIMS_", "DATABASE_URL"))}
+    try:
+        first = run_cli("db_status", "--json", env=env, cwd=home)
+        assert first.returncode == 0, first.stderr
+        second = run_cli("db_status", "--json", env=env, cwd=home)
+        assert second.returncode == 0, second.stderr
+        one, two = json.loads(first.stdout), json.loads(second.stdout)
+        assert one["embedded"] and one["connected"]
+        assert one["server_started"] == two["server_started"]
+        assert (home / "var" / "postgres" / "data" / "PG_VERSION").exists()
+        human = run_cli("db_status", env=env, cwd=home)
+        assert "(embedded)" in human.stdout and "PostgreSQL 15" in human.stdout
+    finally:
+        EmbeddedPostgres(home / "var").stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_refused_database_fails_at_once_naming_the_host_without_the_password(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nothing listens there
+    env = dict(os.environ, DATABASE_URL=f"postgresql://dims:s3cretPassw0rd@127.0.0.1:{port}/dims",
+               DIMS_DATA_DIR=str(tmp_path))
+    for args in (["db_status"], ["db_status", "--json"], ["db_migrate"]):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 1
+        assert "127.0.0.1" in result.stdout + result.stderr
+        assert "s3cretPassw0rd" not in result.stdout + result.stderr
+
+
+def test_silent_database_times_out_within_the_connect_timeout_plus_a_second(tmp_path):
+    """A server that accepts TCP and never speaks: db_status gives up after connect_timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted = []
+    stop = threading.Event()
+
+    def accept_and_stay_silent():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_stay_silent, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    config = tmp_path / "dims.toml"
+    config.write_text(f'[database]\nurl = "postgresql://ops:pa55word@127.0.0.1:{port}/dims"\nconnect_timeout = 2\n')
+    try:
+        started = time.monotonic()
+        result = run_cli("db_status", "--json", "--config", str(config), env=dict(os.environ), timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["connected"] is False and "127.0.0.1" in report["error"]
+    assert "pa55word" not in result.stdout + result.stderr
+    assert elapsed < 2 + 1 + 0.5, f"took {elapsed:.1f} s"  # connect timeout + a second (+ interpreter start)
+
+
+@pytest.mark.parametrize("content, key, reason", [
+    ('[database]\npool_max = "four"\n', "database.pool_max", "expected an integer, got a string"),
+    ('[database]\npool_maxx = 4\n', "database.pool_maxx", "unknown key"),
+    ('[[bots]]\nname = "Alpha!"\ntoken = "1:abc"\n', "bots[0].name", "must match"),
+    ('[[bots]]\nname = "alpha"\ntoken_env = "NO_SUCH_VAR_FOR_DIMS"\n', "bots[0].token_env", "NO_SUCH_VAR_FOR_DIMS is not set"),
+    ('[supervisor]\nstop_timeout = -1\n', "supervisor.stop_timeout", "must be greater than 0"),
+    ('[database\nurl = 1\n', "not valid TOML", "line 1"),
+])
+def test_bad_config_file_exits_2_naming_the_file_the_key_and_the_reason(tmp_path, content, key, reason):
+    config = tmp_path / "bad.toml"
+    config.write_text(content)
+    result = run_cli("db_status", "--config", str(config), env=dict(os.environ))
+    assert result.returncode == 2
+    assert str(config) in result.stderr and key in result.stderr and reason in result.stderr
+    assert result.stdout == ""
+
+
+def test_usage_errors_exit_2(cli_env):
+    assert run_cli("no_such_command", env=cli_env).returncode == 2
+    assert run_cli("db_migrate", "--dry-runn", env=cli_env).returncode == 2
+    assert run_cli("db_status", "--config", "/nonexistent/dims.toml", env=cli_env).returncode == 2

@@ -1,0 +1,292 @@
+"""The database layer against a real PostgreSQL: pools per process, checkout limits, replaced
+sessions, concurrent migrators, drift, and the embedded server."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pwd
+import shutil
+import threading
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from config import load_config
+from multiprocess_connection_manager import (
+    ConnectionManager, DatabaseError, DatabaseIntegrationManager, EmbeddedPostgres, MigrationError,
+    Migrator, PoolTimeout, discover_migrations, pool_max_for,
+)
+from tests.conftest import reachable_tempdir
+
+# --------------------------------------------------------------------------- the pool
+
+
+def _child_backend_pid(manager: ConnectionManager, queue) -> None:
+    queue.put((manager.fetchval("SELECT pg_backend_pid()"), manager.stats()["pid"]))
+
+
+def test_forked_child_gets_its_own_pool_and_leaves_the_parents_session_alone(db):
+    with db.transaction() as tx:
+        parent_backend = tx.fetchval("SELECT pg_backend_pid()")
+    queue = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_child_backend_pid, args=(db, queue))
+    child.start()
+    child_backend, child_pool_pid = queue.get(timeout=30)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    assert child_backend != parent_backend
+    assert child_pool_pid == child.pid
+    # The child exited (and garbage-collected its inherited copy): the parent's session lives on.
+    with db.transaction() as tx:
+        assert tx.fetchval("SELECT pg_backend_pid()") == parent_backend
+    assert db.stats()["replaced"] == 0
+
+
+def test_application_name_names_the_process_role(db):
+    assert db.fetchval("SELECT current_setting('application_name')") == "dims:test"
+
+
+def test_exhausted_pool_waits_for_a_connection_then_fails_clearly(database_url):
+    pool = ConnectionManager(database_url, role="tiny", maxconn=1, checkout_timeout=0.3)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        with pool.transaction():
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    with pytest.raises(PoolTimeout, match=r"no database connection became free within 0.3 s .*all 1 of the tiny pool"):
+        pool.fetchval("SELECT 1")
+
+    # A waiter is served as soon as the holder gives its connection back.
+    pool.checkout_timeout = 10
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.fetchval("SELECT 42")))
+    waiter.start()
+    release.set()
+    waiter.join(10)
+    holder.join(10)
+    assert got == [42]
+    stats = pool.stats()
+    assert stats["timeouts"] == 1 and stats["waits"] >= 2 and stats["size"] == 1
+    pool.close()
+
+
+def test_connection_killed_by_the_server_is_replaced_transparently(db, pg_admin_dsn):
+    first = db.fetchval("SELECT pg_backend_pid()")
+    admin = psycopg2.connect(pg_admin_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s, 10000)", (first,))  # waits until it has exited
+        assert cur.fetchone()[0] is True
+    admin.close()
+    second = db.fetchval("SELECT pg_backend_pid()")
+    assert second != first
+    assert db.stats()["replaced"] == 1
+
+
+def test_failed_transaction_rolls_back_and_the_connection_is_reused(db):
+    db.execute("CREATE TABLE t (x int PRIMARY KEY)")
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        with db.transaction() as tx:
+            tx.execute("INSERT INTO t VALUES (1)")
+            tx.execute("INSERT INTO t VALUES (1)")
+    assert db.fetchval("SELECT count(*) FROM t") == 0
+    assert db.stats()["created"] == 1
+
+
+def test_pool_sizes_stay_inside_the_connection_budget():
+    conf = load_config(env={}).database
+    assert pool_max_for(conf, 1) == conf.pool_max
+    assert pool_max_for(conf.__class__(pool_max=10, max_connections=50), 10) == 3   # (50 - 3) // 10 - 1
+    with pytest.raises(Exception, match="database.max_connections = 10 is too small for 10 bot processes"):
+        pool_max_for(conf.__class__(max_connections=10), 10)
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+def _write_migrations(directory: Path, count: int) -> None:
+    directory.mkdir(exist_ok=True)
+    (directory / "0001_log.sql").write_text("CREATE TABLE applied_log (version int, at timestamptz DEFAULT now());\n"
+                                            "INSERT INTO applied_log (version) VALUES (1);\n")
+    for version in range(2, count + 1):
+        (directory / f"{version:04d}_step_{version}.sql").write_text(
+            f"SELECT pg_sleep(0.05);\nINSERT INTO applied_log (version) VALUES ({version});\n")
+
+
+def _migrate_in_process(dsn: str, directory: str, barrier, results) -> None:
+    manager = ConnectionManager(dsn, role="migrator", maxconn=1)
+    barrier.wait(30)
+    try:
+        applied = Migrator(manager, Path(directory)).migrate()
+        results.put(("ok", [m.version for m in applied]))
+    except Exception as exc:  # reported to the test, which fails on it
+        results.put(("error", repr(exc)))
+
+
+def test_eight_concurrent_migrators_apply_each_migration_exactly_once(database_url, tmp_path):
+    _write_migrations(tmp_path / "m", 5)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_migrate_in_process, args=(database_url, str(tmp_path / "m"), barrier, results))
+             for _ in range(8)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    assert all(kind == "ok" for kind, _ in outcomes), outcomes
+    applied_versions = sorted(v for _, versions in outcomes for v in versions)
+    assert applied_versions == [1, 2, 3, 4, 5]
+    db = ConnectionManager(database_url, role="check")
+    assert db.fetchall("SELECT version, count(*) FROM applied_log GROUP BY version ORDER BY version") == \
+        [(v, 1) for v in range(1, 6)]
+    status = Migrator(db, tmp_path / "m").status()
+    assert (len(status.applied), status.pending, status.drifted) == (5, [], [])
+    db.close()
+
+
+def test_changed_applied_migration_is_drift_and_blocks_migrating(db, tmp_path):
+    _write_migrations(tmp_path, 2)
+    Migrator(db, tmp_path).migrate()
+    (tmp_path / "0002_step_2.sql").write_text("SELECT 1;\n")
+    (tmp_path / "0003_more.sql").write_text("CREATE TABLE more (x int);\n")
+    status = Migrator(db, tmp_path).status()
+    assert [d["name"] for d in status.drifted] == ["0002_step_2"]
+    assert "file changed since it was applied" in status.drifted[0]["reason"]
+    assert [m.label for m in status.pending] == ["0003_more"]
+    with pytest.raises(MigrationError, match="drifted, refusing to migrate: 0002_step_2"):
+        Migrator(db, tmp_path).migrate()
+    assert db.fetchval("SELECT to_regclass('more')") is None
+    (tmp_path / "0002_step_2.sql").unlink()
+    assert "file is missing" in Migrator(db, tmp_path).status().drifted[0]["reason"]
+
+
+def test_failing_migration_is_rolled_back_with_its_history_row(db, tmp_path):
+    (tmp_path / "0001_ok.sql").write_text("CREATE TABLE ok (x int);\n")
+    (tmp_path / "0002_bad.sql").write_text("CREATE TABLE half (x int);\nSELECT * FROM no_such_table;\n")
+    with pytest.raises(MigrationError, match="0002_bad failed and was rolled back: .*no_such_table"):
+        Migrator(db, tmp_path).migrate()
+    assert db.fetchval("SELECT to_regclass('half')") is None
+    assert [m.label for m in Migrator(db, tmp_path).status().pending] == ["0002_bad"]
+
+
+def test_dry_run_lists_pending_and_applies_nothing(db):
+    pending = Migrator(db).migrate(dry_run=True)
+    assert [m.label for m in pending] == [m.label for m in discover_migrations()]
+    assert db.fetchval("SELECT to_regclass('dims_schema_migrations')") is None
+
+
+def test_misnamed_migration_file_is_refused(tmp_path):
+    (tmp_path / "1_first.sql").write_text("SELECT 1;")
+    with pytest.raises(MigrationError, match="NNNN_name.sql"):
+        discover_migrations(tmp_path)
+
+
+def test_core_migration_creates_the_supervisor_tables(db):
+    Migrator(db).migrate()
+    tables = {r[0] for r in db.fetchall("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {"dims_bots", "dims_events", "dims_schema_migrations"} <= tables
+
+
+def test_integration_manager_creates_the_database_and_migrates(pg_admin_dsn, tmp_path):
+    import psycopg2.extensions as ext
+    dsn = ext.make_dsn(pg_admin_dsn, dbname=f"dims_created_{os.getpid()}")
+    config = load_config(env={"DATABASE_URL": dsn}, data_dir=tmp_path)
+    manager = DatabaseIntegrationManager(config, role="test")
+    try:
+        db = manager.initialize_database_coordination()
+        assert db.fetchval("SELECT count(*) FROM dims_schema_migrations") == len(discover_migrations())
+    finally:
+        manager.shutdown()
+        admin = psycopg2.connect(pg_admin_dsn)
+        admin.autocommit = True
+        admin.cursor().execute(f'DROP DATABASE IF EXISTS "dims_created_{os.getpid()}" WITH (FORCE)')
+        admin.close()
+
+
+# --------------------------------------------------------------------------- embedded server
+
+
+def _start_embedded(home: str, results) -> None:
+    try:
+        server = EmbeddedPostgres(Path(home))
+        server.ensure_running()
+        results.put(("ok", server.server_pid()))
+    except Exception as exc:
+        results.put(("error", repr(exc)))
+
+
+def test_processes_starting_the_embedded_server_at_once_get_one_server():
+    home = reachable_tempdir("dims-test-embedded-")
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_start_embedded, args=(str(home), results)) for _ in range(4)]
+    try:
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        assert all(kind == "ok" for kind, _ in outcomes), outcomes
+        assert len({pid for _, pid in outcomes}) == 1
+    finally:
+        for proc in procs:
+            proc.join(30)
+        assert EmbeddedPostgres(home).stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _as_ordinary_user(home: str, results) -> None:
+    """In a forked child: drop root to `nobody`, then start the embedded server as that user."""
+    nobody = pwd.getpwnam("nobody")
+    os.setgroups([])
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+    _start_embedded(home, results)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running as an ordinary user already; the root path needs root")
+def test_embedded_server_runs_as_postgres_for_root_and_as_the_user_otherwise():
+    root_home = reachable_tempdir("dims-test-asroot-")
+    user_home = reachable_tempdir("dims-test-asuser-")
+    os.chown(user_home, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    try:
+        as_root = EmbeddedPostgres(root_home)
+        as_root.ensure_running()
+        assert (root_home / "postgres" / "data").stat().st_uid == pwd.getpwnam("postgres").pw_uid
+        child = ctx.Process(target=_as_ordinary_user, args=(str(user_home), results))
+        child.start()
+        kind, pid = results.get(timeout=120)
+        child.join(30)
+        assert kind == "ok", pid
+        assert Path(f"/proc/{pid}").stat().st_uid == pwd.getpwnam("nobody").pw_uid
+    finally:
+        assert EmbeddedPostgres(root_home).stop()
+        assert EmbeddedPostgres(user_home).stop()
+        shutil.rmtree(root_home, ignore_errors=True)
+        shutil.rmtree(user_home, ignore_errors=True)
+
+
+def test_root_without_a_reachable_data_dir_puts_the_cluster_where_postgres_can_reach_it(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root needs a directory the postgres user can reach")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    server = EmbeddedPostgres(private)
+    assert str(server.root).startswith("/var/tmp/dims-postgres-")
+
+
+def test_missing_postgres_binaries_give_install_advice(monkeypatch):
+    import multiprocess_connection_manager as mcm
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(mcm, "_BIN_GLOBS", ())
+    with pytest.raises(DatabaseError, match="apt-get install postgresql.*DATABASE_URL"):
+        mcm.find_postgres_bin()
