@@ -12,6 +12,8 @@ Exit status: 0 success / healthy, 1 failed / not healthy, 2 usage or configurati
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import sys
@@ -96,6 +98,48 @@ class EnhancedIPCCommands:
         return EXIT_OK, {"dry_run": args.dry_run, "target": db.target,
                          "migrations": [m.label for m in migrations], "status": status}
 
+    # -- roster
+
+    def _with_roster(self, action: Callable[[Any], Any]) -> Any:
+        """`action(GirlsManager)` on the migrated database, as bot "cli": the roster is global."""
+        from girls_manager import GirlsManager, ImportRejected, RosterError
+        from multiprocess_connection_manager import DatabaseError
+        manager = self._database()
+        try:
+            return action(GirlsManager(manager.initialize_database_coordination(), "cli"))
+        except ImportRejected as exc:
+            raise CommandError(str(exc), payload={"errors": exc.problems}) from None
+        except (RosterError, DatabaseError) as exc:
+            raise CommandError(str(exc)) from None
+        finally:
+            manager.shutdown()
+
+    def girls_list(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        profiles = self._with_roster(lambda roster: roster.all_profiles())
+        return EXIT_OK, {"girls": [p.as_dict() for p in profiles if args.all or p.visible]}
+
+    def girls_add(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        profile = self._with_roster(lambda roster: roster.add(args.name, args.bio, args.tags, args.photo))
+        return EXIT_OK, {"girl": profile.as_dict()}
+
+    def girls_import(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        rows, file_format = read_roster_file(args.file)
+        counts = self._with_roster(lambda roster: roster.import_profiles(rows, replace=args.replace))
+        return EXIT_OK, {"file": args.file, "format": file_format, "replace": args.replace, **counts}
+
+    def girls_export(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        file_format = args.format or ("csv" if (args.output or "").lower().endswith(".csv") else "json")
+        rows = self._with_roster(lambda roster: roster.export())
+        result: dict[str, Any] = {"format": file_format, "count": len(rows)}
+        if args.output:
+            write_roster_file(args.output, render_roster(rows, file_format))
+            result["output"] = args.output
+        elif file_format == "csv":
+            result["csv"] = render_roster(rows, "csv")
+        else:
+            result["girls"] = rows
+        return EXIT_OK, result
+
 
 _CONNECTIONS_SQL = """
     SELECT application_name AS process,
@@ -144,6 +188,124 @@ def _show_db_migrate(result: dict[str, Any]) -> str:
     return "applied: " + ", ".join(names)
 
 
+# --------------------------------------------------------------------------- roster files and output
+
+ROSTER_CSV_COLUMNS = ("name", "bio", "tags", "photo", "visible", "created_at", "updated_at")
+_CSV_OPTIONAL = ("visible", "created_at", "updated_at")  # an empty cell: keep or default
+
+
+def read_roster_file(path: str) -> tuple[list[Any], str]:
+    """The rows of a JSON file (an array, or {"girls": [...]}) or, for *.csv, a CSV file with a
+    header. A file that is missing or unparsable is a usage error (exit 2) naming the file."""
+    file_format = "csv" if path.lower().endswith(".csv") else "json"
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            return (_csv_rows(path, fh) if file_format == "csv" else _json_rows(path, fh.read())), file_format
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
+    except UnicodeDecodeError:
+        raise CommandError(f"{path}: not UTF-8 text", EXIT_USAGE) from None
+
+
+def _json_rows(path: str, text: str) -> list[Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CommandError(f"{path}: not valid JSON: {exc}", EXIT_USAGE) from None
+    if isinstance(data, dict) and isinstance(data.get("girls"), list):
+        data = data["girls"]  # what `girls_export --json` prints
+    if not isinstance(data, list):
+        raise CommandError(f"{path}: expected a JSON array of profiles", EXIT_USAGE)
+    return data
+
+
+def _csv_rows(path: str, fh: TextIO) -> list[dict[str, Any]]:
+    try:
+        reader = csv.DictReader(fh, restkey="cells beyond the header")
+        header = reader.fieldnames or []
+        if "name" not in header or not set(header) <= set(ROSTER_CSV_COLUMNS):
+            raise CommandError(f"{path}: the CSV header must have a name column and only these: "
+                               f"{', '.join(ROSTER_CSV_COLUMNS)} (it has: {', '.join(header) or 'nothing'})",
+                               EXIT_USAGE)
+        return [{key: value for key, value in row.items()
+                 if value is not None and not (value == "" and key in _CSV_OPTIONAL)} for row in reader]
+    except csv.Error as exc:
+        raise CommandError(f"{path}: not valid CSV: {exc}", EXIT_USAGE) from None
+
+
+def render_roster(rows: list[dict[str, Any]], file_format: str) -> str:
+    """Exported rows as the text of a JSON or CSV file (which girls_import reads back)."""
+    if file_format == "json":
+        return json.dumps(rows, ensure_ascii=False, indent=2) + "\n"
+    out = io.StringIO()
+    writer = csv.DictWriter(out, ROSTER_CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "tags": ",".join(row["tags"]), "photo": row["photo"] or "",
+                         "visible": "true" if row["visible"] else "false"})
+    return out.getvalue()
+
+
+def write_roster_file(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror}", EXIT_USAGE) from None
+
+
+def _show_girls_list(result: dict[str, Any]) -> str:
+    rows = [{**girl, "visible": "yes" if girl["visible"] else "no", "tags": ",".join(girl["tags"]),
+             "bio": _shorten(girl["bio"], 40)} for girl in result["girls"]]
+    return format_table(rows, ["id", "name", "visible", "tags", "bio"]) if rows else "no profiles"
+
+
+def _shorten(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
+
+
+def _show_girls_add(result: dict[str, Any]) -> str:
+    return f"added {result['girl']['name']!r} (id {result['girl']['id']})"
+
+
+def _show_girls_import(result: dict[str, Any]) -> str:
+    deleted = f", {result['deleted']} deleted" if result["replace"] else ""
+    return (f"imported {result['file']}: {result['added']} added, {result['updated']} updated, "
+            f"{result['unchanged']} unchanged{deleted}")
+
+
+def _show_girls_export(result: dict[str, Any]) -> str:
+    """Without --output the data itself is the output, with or without --json."""
+    if "output" in result:
+        return f"exported {result['count']} profiles to {result['output']} ({result['format']})"
+    text = result["csv"] if result["format"] == "csv" else render_roster(result["girls"], "json")
+    return text.removesuffix("\n")
+
+
+def _girls_list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--all", action="store_true", help="include hidden profiles")
+
+
+def _girls_add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("--bio", default="", metavar="TEXT")
+    parser.add_argument("--tags", default="", metavar="a,b", help="comma- or space-separated tags")
+    parser.add_argument("--photo", metavar="URL", help="an http(s) URL or a Telegram file id")
+
+
+def _girls_import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a JSON array of profiles; CSV with a header "
+                        f"({','.join(ROSTER_CSV_COLUMNS)}) when it ends in .csv")
+    parser.add_argument("--replace", action="store_true", help="also delete the profiles the file does not name")
+
+
+def _girls_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("json", "csv"),
+                        help="default: csv for an --output ending in .csv, else json")
+    parser.add_argument("--output", metavar="FILE", help="write the file here instead of to stdout")
+
+
 # --------------------------------------------------------------------------- the command table
 
 
@@ -164,6 +326,15 @@ COMMANDS: dict[str, Command] = {
                          "database reachability, version, latency, migrations, connections"),
     "db_migrate": Command(EnhancedIPCCommands.db_migrate, _show_db_migrate,
                           "apply pending migrations (safe to run concurrently)", _migrate_arguments),
+    # -- roster
+    "girls_list": Command(EnhancedIPCCommands.girls_list, _show_girls_list,
+                          "the profiles every bot can present (--all: hidden ones too)", _girls_list_arguments),
+    "girls_add": Command(EnhancedIPCCommands.girls_add, _show_girls_add, "add a profile", _girls_add_arguments),
+    "girls_import": Command(EnhancedIPCCommands.girls_import, _show_girls_import,
+                            "add or update profiles from a JSON or CSV file, all or nothing",
+                            _girls_import_arguments),
+    "girls_export": Command(EnhancedIPCCommands.girls_export, _show_girls_export,
+                            "every profile as JSON or CSV (stdout, or --output FILE)", _girls_export_arguments),
 }
 
 

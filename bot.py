@@ -1,0 +1,701 @@
+"""One Telegram bot: a python-telegram-bot `Application` serving the roster, with a durable inbox.
+
+PTB's own updater confirms updates to Telegram before its handlers run, so a killed process
+would lose what it had fetched. This bot fetches updates itself (`getUpdates` long polling),
+stores each batch in the `dims_inbox` table and only then confirms the offset; it processes the
+stored updates in order through the Application and marks each done when its handler finishes.
+An update whose handler keeps failing is parked as dead with its error; while the database is
+unreachable the bot stops confirming and backs off, and loses nothing.
+
+`run(bot_config, config)` is the single entry: the supervisor calls it in a child process, and
+`main.py --single` in its own process. Imports: telegram, `girls_manager`, the connection
+manager and `config`; never the supervisor or the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import psycopg2
+from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram.constants import MessageLimit
+from telegram.error import Conflict, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
+from telegram.ext import (
+    AIORateLimiter, Application, ApplicationBuilder, CallbackQueryHandler, CommandHandler,
+    ContextTypes, MessageHandler, TypeHandler, filters,
+)
+
+from config import BotConfig, Config, install_log_redaction
+from girls_manager import EDITABLE_FIELDS, GirlsManager, Page, Profile, ProfileNotFound, RosterError
+from multiprocess_connection_manager import ConnectionManager, DatabaseError, DatabaseIntegrationManager
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_TOKEN_REJECTED = 78     # Telegram rejected the token: restarting cannot help
+EXIT_START_FAILED = 75       # could not start (database unreachable, ...): worth retrying
+
+MAX_ATTEMPTS = 3             # handler failures before an update is parked as dead
+RETRY_DELAYS = (0.2, 1.0)    # between those attempts
+INBOX_RETENTION_S = 3 * 24 * 3600
+PRUNE_EVERY_S = 3600
+PER_PAGE = 8
+TOUCH_EVERY_S = 60.0
+ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
+
+
+# --------------------------------------------------------------------------- the inbox
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """True for errors that mean 'the database is unreachable', as opposed to a bug."""
+    return isinstance(exc, (DatabaseError, psycopg2.OperationalError, psycopg2.InterfaceError))
+
+
+class Inbox:
+    """The durable inbox of one bot. Synchronous: call it through asyncio.to_thread."""
+
+    def __init__(self, db: ConnectionManager, bot_name: str, bot_id: int):
+        self.db = db
+        self.bot_name = bot_name
+        self.bot_id = bot_id
+
+    def next_offset(self) -> int | None:
+        return self.db.fetchval("SELECT next_offset FROM dims_inbox_offsets WHERE bot_id = %s", (self.bot_id,))
+
+    def store(self, updates: list[dict[str, Any]]) -> int:
+        """Store a fetched batch and the offset after it, in one transaction. Returns new rows."""
+        with self.db.transaction() as tx:
+            added = 0
+            for payload in updates:
+                added += tx.execute(
+                    "INSERT INTO dims_inbox (bot_id, update_id, bot, payload) VALUES (%s, %s, %s, %s::jsonb) "
+                    "ON CONFLICT (bot_id, update_id) DO NOTHING",
+                    (self.bot_id, payload["update_id"], self.bot_name, json.dumps(payload)))
+            tx.execute(
+                "INSERT INTO dims_inbox_offsets (bot_id, next_offset) VALUES (%s, %s) ON CONFLICT (bot_id) "
+                "DO UPDATE SET next_offset = GREATEST(dims_inbox_offsets.next_offset, EXCLUDED.next_offset), "
+                "updated_at = now()",
+                (self.bot_id, max(p["update_id"] for p in updates) + 1))
+            return added
+
+    def pending(self, limit: int = 100) -> list[tuple[int, dict[str, Any]]]:
+        return self.db.fetchall(
+            "SELECT update_id, payload FROM dims_inbox WHERE bot_id = %s AND status = 'pending' "
+            "ORDER BY update_id LIMIT %s", (self.bot_id, limit))
+
+    def mark_done(self, update_id: int) -> None:
+        self.db.execute("UPDATE dims_inbox SET status = 'done', done_at = now() WHERE bot_id = %s AND update_id = %s",
+                        (self.bot_id, update_id))
+
+    def mark_failed(self, update_id: int, error: str) -> bool:
+        """Count a failed attempt; True when the update is now parked as dead."""
+        status = self.db.fetchval(
+            "UPDATE dims_inbox SET attempts = attempts + 1, error = %s, "
+            "status = CASE WHEN attempts + 1 >= %s THEN 'dead' ELSE status END "
+            "WHERE bot_id = %s AND update_id = %s RETURNING status",
+            (error[:2000], MAX_ATTEMPTS, self.bot_id, update_id))
+        return status == "dead"
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.fetchall("SELECT status, count(*) FROM dims_inbox WHERE bot_id = %s AND status <> 'done' "
+                                "GROUP BY status", (self.bot_id,))
+        found = dict(rows)
+        return {"backlog": found.get("pending", 0), "dead": found.get("dead", 0)}
+
+    def prune(self, older_than_s: float = INBOX_RETENTION_S) -> int:
+        return self.db.execute(
+            "DELETE FROM dims_inbox WHERE bot_id = %s AND status = 'done' AND done_at < now() - make_interval(secs => %s)",
+            (self.bot_id, older_than_s))
+
+
+# --------------------------------------------------------------------------- texts and keyboards
+
+
+def fit(text: str, limit: int = MessageLimit.MAX_TEXT_LENGTH) -> str:
+    """Text cut to Telegram's limit, with an ellipsis when something was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def quote(text: str, limit: int = 60) -> str:
+    return "“" + fit(" ".join(text.split()), limit) + "”"
+
+
+def card_text(profile: Profile) -> str:
+    lines = [profile.name]
+    if profile.bio:
+        lines += ["", profile.bio]
+    if profile.tags:
+        lines += ["", "Tags: " + " ".join(f"#{tag}" for tag in profile.tags)]
+    if not profile.visible:
+        lines += ["", "(hidden)"]
+    return "\n".join(lines)
+
+
+def list_keyboard(profiles: list[Profile] | tuple[Profile, ...], page: int = 0,
+                  nav: tuple[bool, bool] = (False, False)) -> InlineKeyboardMarkup:
+    rows = [[InlineKeyboardButton(p.name, callback_data=f"p:{p.id}:{page}")] for p in profiles]
+    arrows = []
+    if nav[0]:
+        arrows.append(InlineKeyboardButton("« Previous", callback_data=f"g:{page - 1}"))
+    if nav[1]:
+        arrows.append(InlineKeyboardButton("Next »", callback_data=f"g:{page + 1}"))
+    if arrows:
+        rows.append(arrows)
+    return InlineKeyboardMarkup(rows)
+
+
+def page_view(page: Page) -> tuple[str, InlineKeyboardMarkup | None]:
+    if page.total == 0:
+        return "The roster is empty for now.", None
+    first = page.number * PER_PAGE + 1
+    text = (f"Profiles {first}-{first + len(page.items) - 1} of {page.total} "
+            f"(page {page.number + 1} of {page.pages}). Tap a name to see the profile.")
+    nav = (page.number > 0, page.number + 1 < page.pages)
+    return text, list_keyboard(page.items, page.number, nav)
+
+
+def card_keyboard(profile: Profile, favourite: bool, page: int) -> InlineKeyboardMarkup:
+    star = "★ In your favourites" if favourite else "☆ Add to favourites"
+    return InlineKeyboardMarkup([[InlineKeyboardButton(star, callback_data=f"f:{profile.id}:{page}")],
+                                 [InlineKeyboardButton("« Back to the list", callback_data=f"g:{page}")]])
+
+
+USER_COMMANDS = [
+    ("start", "greeting and how many profiles I present"),
+    ("help", "what you can do here"),
+    ("girls", "browse the roster"),
+    ("find", "TEXT - profiles whose name, bio or a tag contains TEXT"),
+    ("fav", "NAME - add or remove a favourite"),
+    ("favs", "your favourites"),
+]
+ADMIN_COMMANDS = [
+    ("add", "NAME | BIO | tag1,tag2 - add a profile"),
+    ("edit", "NAME FIELD VALUE - change name, bio, tags or photo (NAME | FIELD | VALUE for names with spaces)"),
+    ("hide", "NAME - hide a profile"),
+    ("show", "NAME - show a hidden profile again"),
+    ("delete", "NAME - delete a profile for good"),
+]
+_CALLBACK = re.compile(r"^(g|p|f):(\d{1,9})(?::(\d{1,6}))?$")
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+class Handlers:
+    """One short coroutine per command: parse, call the roster, reply."""
+
+    def __init__(self, bot_config: BotConfig, girls: GirlsManager):
+        self.bot_config = bot_config
+        self.girls = girls
+        self._touched: dict[int, float] = {}
+
+    def is_admin(self, update: Update) -> bool:
+        return bool(update.effective_user) and update.effective_user.id in self.bot_config.admins
+
+    async def roster(self, method: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(method, *args)
+
+    def install(self, app: Application) -> None:
+        for name, _ in USER_COMMANDS:
+            app.add_handler(CommandHandler(name, getattr(self, f"cmd_{name}")))
+        for name, _ in ADMIN_COMMANDS:
+            app.add_handler(CommandHandler(name, self._admin_only(name, getattr(self, f"cmd_{name}"))))
+        app.add_handler(CallbackQueryHandler(self.on_button))
+        app.add_handler(MessageHandler(filters.COMMAND, self.unknown_command))
+        app.add_handler(MessageHandler(filters.ALL & ~filters.UpdateType.EDITED, self.plain_message))
+        app.add_handler(TypeHandler(Update, self.touch), group=1)
+
+    def _admin_only(self, name: str, callback):
+        async def guarded(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+            if not self.is_admin(update):
+                await update.effective_message.reply_text(
+                    f"Sorry, /{name} is for this bot's admins only. Send /help to see what you can do.")
+                return
+            await callback(update, context)
+        return guarded
+
+    async def touch(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """First/last seen bookkeeping, written at most once a minute per user."""
+        user = update.effective_user
+        now = time.monotonic()
+        if user and now - self._touched.get(user.id, -TOUCH_EVERY_S) >= TOUCH_EVERY_S:
+            self._touched[user.id] = now
+            await self.roster(self.girls.touch_user, user.id, user.username, user.first_name)
+
+    # -- user commands
+
+    async def cmd_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        count = await self.roster(self.girls.count)
+        profiles = "1 profile" if count == 1 else f"{count} profiles"
+        await update.effective_message.reply_text(
+            f"Hi! I'm {self.bot_config.display_name}, and I present {profiles}.\n"
+            "Send /girls to browse, /find TEXT to search, /help for everything I can do.")
+
+    async def cmd_help(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        lines = ["What you can do here:"] + [f"/{name} {text}" for name, text in USER_COMMANDS]
+        if self.is_admin(update):
+            lines += ["", "Admin commands:"] + [f"/{name} {text}" for name, text in ADMIN_COMMANDS]
+        await update.effective_message.reply_text("\n".join(lines))
+
+    async def cmd_girls(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        text, keyboard = page_view(await self.roster(self.girls.page, 0, PER_PAGE))
+        await update.effective_message.reply_text(text, reply_markup=keyboard)
+
+    async def cmd_find(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        text = " ".join(context.args).strip()
+        if not text:
+            await update.effective_message.reply_text("Tell me what to look for, e.g. /find anna")
+            return
+        found = await self.roster(self.girls.search, text, 20)
+        if not found:
+            await update.effective_message.reply_text(
+                f"Nothing matched {quote(text)}. Try a shorter word, or /girls to browse.")
+            return
+        many = "1 profile matches" if len(found) == 1 else f"{len(found)} profiles match"
+        await update.effective_message.reply_text(f"{many} {quote(text)}:", reply_markup=list_keyboard(found))
+
+    async def cmd_fav(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        name = " ".join(context.args).strip()
+        if not name:
+            await update.effective_message.reply_text("Name the profile, e.g. /fav Anna. /favs lists your favourites.")
+            return
+        profile, now = await self.roster(self.girls.toggle_favourite, update.effective_user.id, name)
+        verb = "added to" if now else "removed from"
+        await update.effective_message.reply_text(f"{profile.name} {verb} your favourites.")
+
+    async def cmd_favs(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        favourites = await self.roster(self.girls.favourites, update.effective_user.id)
+        if not favourites:
+            await update.effective_message.reply_text(
+                "You have no favourites yet. Open a profile from /girls and tap ☆, or send /fav NAME.")
+            return
+        await update.effective_message.reply_text(f"Your favourites ({len(favourites)}):",
+                                                  reply_markup=list_keyboard(favourites[:50]))
+
+    # -- admin commands
+
+    async def cmd_add(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        parts = [p.strip() for p in _arguments(update).split("|")]
+        if not parts[0]:
+            await update.effective_message.reply_text("Usage: /add NAME | BIO | tag1,tag2 (bio and tags are optional)")
+            return
+        name, bio, tags = (parts + ["", ""])[:3]
+        profile = await self.roster(self.girls.add, name, bio, _split_tags(tags))
+        await update.effective_message.reply_text(f"Added {profile.name}.\n\n{card_text(profile)}")
+
+    async def cmd_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        raw = _arguments(update)
+        if "|" in raw:
+            parts = [p.strip() for p in raw.split("|", 2)]
+        else:
+            parts = raw.split(None, 2)
+        if len(parts) < 3 or parts[1].lower() not in EDITABLE_FIELDS:
+            await update.effective_message.reply_text(
+                f"Usage: /edit NAME FIELD VALUE, where FIELD is one of {', '.join(EDITABLE_FIELDS)}; "
+                "for a name with spaces: /edit NAME | FIELD | VALUE")
+            return
+        profile = await self.roster(self.girls.edit, parts[0], parts[1].lower(), parts[2])
+        await update.effective_message.reply_text(f"Updated {profile.name}.\n\n{card_text(profile)}")
+
+    async def _by_name(self, update: Update, usage: str, method: Callable[[str], Profile], done: str) -> None:
+        name = _arguments(update).strip()
+        if not name:
+            await update.effective_message.reply_text(usage)
+            return
+        profile = await self.roster(method, name)
+        await update.effective_message.reply_text(done.format(name=profile.name))
+
+    async def cmd_hide(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._by_name(update, "Usage: /hide NAME", self.girls.hide, "{name} is hidden now.")
+
+    async def cmd_show(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._by_name(update, "Usage: /show NAME", self.girls.show, "{name} is visible again.")
+
+    async def cmd_delete(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        await self._by_name(update, "Usage: /delete NAME", self.girls.delete, "{name} is deleted.")
+
+    # -- everything else
+
+    async def on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query = update.callback_query
+        match = _CALLBACK.match(query.data or "")
+        if not match:
+            await query.answer("This button is no longer valid. Send /girls to start again.")
+            return
+        kind, number, page = match.group(1), int(match.group(2)), int(match.group(3) or 0)
+        try:
+            if kind == "g":
+                text, keyboard = page_view(await self.roster(self.girls.page, number, PER_PAGE))
+                await query.answer()
+                await _edit_or_send(query, text, keyboard)
+            elif kind == "p":
+                await self._open_card(query, number, page)
+            else:
+                await self._toggle_from_card(query, number, page)
+        except ProfileNotFound:
+            await query.answer("That profile is no longer available.", show_alert=True)
+
+    async def _open_card(self, query, profile_id: int, page: int) -> None:
+        profile = await self.roster(self.girls.get, profile_id)
+        favourite = await self.roster(self.girls.is_favourite, query.from_user.id, profile_id)
+        await query.answer()
+        keyboard = card_keyboard(profile, favourite, page)
+        if profile.photo:
+            await query.message.reply_photo(profile.photo, caption=fit(card_text(profile), MessageLimit.CAPTION_LENGTH),
+                                            reply_markup=keyboard)
+        else:
+            await _edit_or_send(query, card_text(profile), keyboard)
+
+    async def _toggle_from_card(self, query, profile_id: int, page: int) -> None:
+        profile = await self.roster(self.girls.get, profile_id)
+        profile, now = await self.roster(self.girls.toggle_favourite, query.from_user.id, profile.name)
+        await query.answer(f"{profile.name} {'added to' if now else 'removed from'} your favourites.")
+        await query.edit_message_reply_markup(card_keyboard(profile, now, page))
+
+    async def unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        command = (update.effective_message.text or "").split()[0][:40]
+        await update.effective_message.reply_text(f"I don't know {command}. Send /help to see what I can do.")
+
+    async def plain_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if update.effective_message:
+            await update.effective_message.reply_text(
+                "I work with commands: /girls to browse, /find TEXT to search, /help for the rest.")
+
+
+def _arguments(update: Update) -> str:
+    """The text after the command, spacing and newlines kept (context.args splits on spaces)."""
+    text = update.effective_message.text or ""
+    return text.split(None, 1)[1] if len(text.split(None, 1)) > 1 else ""
+
+
+def _split_tags(text: str) -> list[str]:
+    return [t for t in re.split(r"[,\s]+", text.strip()) if t]
+
+
+async def _edit_or_send(query, text: str, keyboard: InlineKeyboardMarkup | None) -> None:
+    """Show text in the pressed message when it is a text message; else send a new one."""
+    if query.message and query.message.text is not None:
+        try:
+            await query.edit_message_text(fit(text), reply_markup=keyboard)
+            return
+        except TelegramError as exc:
+            if "not modified" in str(exc):
+                return
+            raise
+    await query.message.reply_text(fit(text), reply_markup=keyboard)
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+@dataclass
+class BotStats:
+    updates_handled: int = 0
+    errors: int = 0
+    dead: int = 0
+    backlog: int = 0
+    last_error: str | None = None
+    started: float = field(default_factory=time.time)
+
+
+class TokenRejected(Exception):
+    """Telegram said the token is not valid (401): retrying cannot help."""
+
+
+class BotRunner:
+    """Fetches into the inbox and processes it through one PTB Application."""
+
+    def __init__(self, bot_config: BotConfig, config: Config, db: ConnectionManager, girls: GirlsManager,
+                 *, poll_timeout: int = 30):
+        self.bot_config = bot_config
+        self.db = db
+        self.girls = girls
+        self.poll_timeout = poll_timeout
+        self.stats = BotStats()
+        self.bot_id = int(bot_config.token.split(":", 1)[0])
+        self.inbox = Inbox(db, bot_config.name, self.bot_id)
+        self.app = build_application(bot_config, config.telegram.api_url)
+        self._failures: dict[int, BaseException] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.handlers = Handlers(bot_config, girls)
+        self.handlers.install(self.app)
+        self.app.add_error_handler(self.on_error)
+
+    # -- errors
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        error = context.error
+        if isinstance(update, Update):
+            self._failures[update.update_id] = error
+        if isinstance(error, RosterError) and isinstance(update, Update) and update.effective_message:
+            self._failures.pop(update.update_id, None)   # the user's mistake, answered: handled
+            await update.effective_message.reply_text(str(error))
+            return
+        if is_database_outage(error):
+            log.warning("database unreachable while handling update %s: %s",
+                        getattr(update, "update_id", "?"), error)
+            return
+        log.error("update %s failed", getattr(update, "update_id", "?"), exc_info=error)
+
+    # -- the two loops
+
+    async def serve(self, stop: asyncio.Event, on_ready: Callable[[], Awaitable[None] | None] | None = None) -> int:
+        """Run until `stop` is set. Returns an exit code."""
+        try:
+            await self.app.initialize()
+        except InvalidToken:
+            log.error("Telegram rejected this bot's token (401 Unauthorized): check the token; not retrying")
+            return EXIT_TOKEN_REJECTED
+        try:
+            await self.app.bot.set_my_commands([BotCommand(n, fit(t, 256)) for n, t in USER_COMMANDS])
+            log.info("serving as @%s (%s)", self.app.bot.username, self.bot_config.display_name)
+            await self._persist(self.inbox.prune)
+            tasks = [asyncio.create_task(self._fetch_loop(), name="fetch"),
+                     asyncio.create_task(self._process_loop(), name="process")]
+            if on_ready:
+                result = on_ready()
+                if asyncio.iscoroutine(result):
+                    await result
+            stopper = asyncio.create_task(stop.wait(), name="stop")
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            return await self._shutdown(tasks, stopper, done)
+        finally:
+            await self.app.shutdown()
+
+    async def _shutdown(self, tasks: list[asyncio.Task], stopper: asyncio.Task, done: set[asyncio.Task]) -> int:
+        self._stopping.set()
+        self._wake.set()
+        fetch, process = tasks
+        fetch.cancel()
+        stopper.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
+        results = await asyncio.gather(process, return_exceptions=True)
+        for task in done:
+            if task is not stopper and isinstance(task.exception(), TokenRejected):
+                return EXIT_TOKEN_REJECTED
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.error("processing stopped with an error", exc_info=result)
+        await self._confirm_offset()
+        log.info("stopped after %d updates", self.stats.updates_handled)
+        return EXIT_OK
+
+    async def _confirm_offset(self) -> None:
+        """Tell Telegram that everything stored is received, so it is not sent again."""
+        try:
+            offset = await asyncio.to_thread(self.inbox.next_offset)
+            if offset:
+                await self.app.bot.get_updates(offset=offset, timeout=0, limit=1, allowed_updates=ALLOWED_UPDATES)
+        except (TelegramError, DatabaseError, psycopg2.Error) as exc:
+            log.warning("could not confirm the last offset on the way out: %s", exc)
+
+    async def _fetch_loop(self) -> None:
+        offset = await self._persist(self.inbox.next_offset)
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            try:
+                updates = await self.app.bot.get_updates(offset=offset, timeout=self.poll_timeout, limit=100,
+                                                         allowed_updates=ALLOWED_UPDATES)
+            except RetryAfter as exc:
+                log.warning("Telegram asks to wait %s s before polling again (429)", exc.retry_after)
+                await asyncio.sleep(_seconds(exc.retry_after))
+                continue
+            except InvalidToken:
+                log.error("Telegram rejected this bot's token (401 Unauthorized): check the token; not retrying")
+                raise TokenRejected() from None
+            except Conflict:
+                delay = backoff.next(cap=30)
+                log.error("another process is polling this bot's token (409 Conflict): only one may; "
+                          "retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
+                continue
+            except (NetworkError, Forbidden) as exc:
+                delay = backoff.next()
+                log.warning("getUpdates failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            if not updates:
+                continue
+            try:
+                await asyncio.to_thread(self.inbox.store, [u.to_dict() for u in updates])
+            except Exception as exc:
+                if not is_database_outage(exc):
+                    raise
+                delay = backoff.next()
+                log.warning("database unreachable (%s): not confirming %d updates; retrying in %.1f s",
+                            exc, len(updates), delay)
+                await asyncio.sleep(delay)
+                continue
+            offset = updates[-1].update_id + 1
+            self._wake.set()
+
+    async def _process_loop(self) -> None:
+        last_prune = time.monotonic()
+        while not self._stopping.is_set():
+            self._wake.clear()
+            rows = await self._persist(self.inbox.pending, 100)
+            for update_id, payload in rows or ():
+                if self._stopping.is_set():
+                    return
+                await self._handle(update_id, payload)
+            if rows:
+                continue
+            counts = await self._persist(self.inbox.counts)
+            if counts:
+                self.stats.backlog, self.stats.dead = counts["backlog"], counts["dead"]
+            if time.monotonic() - last_prune > PRUNE_EVERY_S:
+                last_prune = time.monotonic()
+                await self._persist(self.inbox.prune)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=5)
+
+    async def _handle(self, update_id: int, payload: dict[str, Any]) -> None:
+        update = Update.de_json(payload, self.app.bot)
+        attempt = 0
+        outage = Backoff()
+        while True:
+            self._failures.pop(update_id, None)
+            await self.app.process_update(update)
+            error = self._failures.pop(update_id, None)
+            if error is None:
+                await self._persist(self.inbox.mark_done, update_id)
+                self.stats.updates_handled += 1
+                return
+            if is_database_outage(error):
+                if await self._stopped_within(outage.next(cap=5)):
+                    return
+                continue
+            self.stats.errors += 1
+            self.stats.last_error = f"update {update_id}: {type(error).__name__}: {error}"[:500]
+            dead = await self._persist(self.inbox.mark_failed, update_id, f"{type(error).__name__}: {error}")
+            if dead:
+                self.stats.dead += 1
+                log.error("update %s parked as dead after %d attempts: %s", update_id, MAX_ATTEMPTS, error)
+                await self._apologise(update)
+                return
+            await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+            attempt += 1
+
+    async def _apologise(self, update: Update) -> None:
+        chat = update.effective_chat
+        if chat is None:
+            return
+        try:
+            await self.app.bot.send_message(chat.id, "Sorry, I could not handle that message. "
+                                                     "The operators can see what went wrong.")
+        except TelegramError as exc:
+            log.warning("could not tell chat %s about a failed update: %s", chat.id, exc)
+
+    async def _persist(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Run an inbox call, waiting out database outages with backoff; None if stopped meanwhile."""
+        backoff = Backoff()
+        while True:
+            try:
+                return await asyncio.to_thread(method, *args)
+            except Exception as exc:
+                if not is_database_outage(exc):
+                    raise
+                delay = backoff.next(cap=5)
+                log.warning("database unreachable (%s); retrying in %.1f s", exc, delay)
+                if await self._stopped_within(delay):
+                    return None
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Wait up to `seconds`; True if the bot was asked to stop meanwhile."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        return self._stopping.is_set()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Stats for heartbeats and operators."""
+        return {"updates_handled": self.stats.updates_handled, "errors": self.stats.errors,
+                "dead": self.stats.dead, "backlog": self.stats.backlog, "last_error": self.stats.last_error,
+                "uptime_s": round(time.time() - self.stats.started, 1),
+                "cache": self.girls.cache_stats(), "pool": self.db.stats()}
+
+
+class Backoff:
+    """Capped exponential backoff with jitter: 0.1 s, 0.2 s, 0.4 s, ... up to `cap`."""
+
+    def __init__(self, first: float = 0.1):
+        self.first = first
+        self.attempt = 0
+
+    def next(self, cap: float = 10.0) -> float:
+        delay = min(cap, self.first * 2 ** self.attempt)
+        self.attempt += 1
+        return delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def _seconds(value: Any) -> float:
+    return value.total_seconds() if hasattr(value, "total_seconds") else float(value)
+
+
+def build_application(bot_config: BotConfig, api_url: str) -> Application:
+    file_url = api_url[:-3] + "file/bot" if api_url.endswith("/bot") else api_url
+    return (ApplicationBuilder().token(bot_config.token).base_url(api_url).base_file_url(file_url)
+            .rate_limiter(AIORateLimiter(max_retries=3)).updater(None)
+            .connect_timeout(10).read_timeout(10).write_timeout(10).pool_timeout(10)
+            .get_updates_connect_timeout(10).get_updates_pool_timeout(10)
+            .build())
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def configure_logging(bot_name: str, secrets: list[str], level: int | str = logging.INFO) -> None:
+    """Every line carries the bot's name; no line carries a token; httpx stays quiet."""
+    logging.basicConfig(level=level, format=f"%(asctime)s bot {bot_name}: %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    install_log_redaction(secrets)
+
+
+def run(bot_config: BotConfig, config: Config, *, migrate: bool = True, pool_max: int | None = None,
+        signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), poll_timeout: int = 30,
+        on_serving: Callable[[BotRunner, asyncio.Event], None] | None = None,
+        on_ready: Callable[[], Any] | None = None) -> int:
+    """Run one bot until one of `signals` arrives; returns the process exit code.
+
+    `on_serving(runner, stop)` is called inside the bot's event loop before it starts (the
+    supervisor's child attaches its pipe there); `on_ready()` once polling and the database are up.
+    """
+    manager = DatabaseIntegrationManager(config, role=f"bot:{bot_config.name}", pool_max=pool_max)
+    try:
+        db = manager.initialize_database_coordination(migrate=migrate)
+    except DatabaseError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_START_FAILED
+    girls = GirlsManager(db, bot_config.name, bot_config.roster_tags)
+    girls.start_listener()
+    try:
+        return asyncio.run(_serve(BotRunner(bot_config, config, db, girls, poll_timeout=poll_timeout),
+                                  signals, on_serving, on_ready))
+    finally:
+        girls.close()
+        manager.shutdown()
+
+
+async def _serve(runner: BotRunner, signals: tuple[int, ...], on_serving, on_ready) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    if on_serving:
+        on_serving(runner, stop)
+    return await runner.serve(stop, on_ready)

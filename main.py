@@ -1,0 +1,100 @@
+"""DIMS entry point: `MainIntegrator` reads the command line and the configuration and picks the
+mode - every bot under the supervisor, or one bot in this process (`--single`) - falling back to
+single-bot, with a WARNING that says why, when the supervisor cannot run.
+
+Exit status: 0 after a clean stop, 2 for a usage or configuration error, otherwise the bot's
+or the supervisor's own code. Imports: `config`, then the layer it runs (`supervisor` or `bot`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+
+from config import Config, ConfigError, load_config
+
+log = logging.getLogger("dims")
+
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str            # "single" or "multi"
+    bot: str | None      # the bot to run in single mode
+    reason: str          # why this mode, for the log
+
+
+class MainIntegrator:
+    """Picks the mode from the arguments and the configuration, and runs it."""
+
+    def __init__(self, argv: list[str] | None = None):
+        self.args = self.parser().parse_args(argv)
+        self.config: Config | None = None
+
+    @staticmethod
+    def parser() -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog="main.py", description="Run the DIMS bot fleet.")
+        mode = parser.add_mutually_exclusive_group()
+        mode.add_argument("--single", action="store_true", help="run one bot in this process, no supervisor")
+        mode.add_argument("--multi", action="store_true", help="run under the supervisor; fail instead of falling back")
+        parser.add_argument("--bot", metavar="NAME", help="the bot to run with --single (default: the first configured)")
+        parser.add_argument("--config", metavar="PATH", help="configuration file (default: $DIMS_CONFIG or ./dims.toml)")
+        parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                            help="logging level (default INFO)")
+        return parser
+
+    def detect_mode(self) -> Mode:
+        """Validate the configuration and decide; raises ConfigError."""
+        self.config = load_config(self.args.config)
+        if self.args.bot:
+            self.config.bot(self.args.bot)  # names the known bots when it is not one of them
+        if self.args.single:
+            if not self.config.bots:
+                raise ConfigError("--single needs a configured bot: add a [[bots]] table or set BOT_TOKEN")
+            return Mode("single", self.args.bot or self.config.bots[0].name, "--single")
+        if self.args.bot:
+            raise ConfigError("--bot NAME goes with --single")
+        if not self.config.bots:
+            raise ConfigError("no bots are configured: add [[bots]] tables to the config file or set BOT_TOKEN")
+        return Mode("multi", None, "--multi" if self.args.multi else "bots configured")
+
+    def run(self) -> int:
+        logging.basicConfig(level=self.args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            mode = self.detect_mode()
+        except ConfigError as exc:
+            print(f"configuration error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if mode.name == "single":
+            return self.run_single_bot_fallback(mode.bot)
+        return self.run_multibot_production()
+
+    def run_multibot_production(self) -> int:
+        try:
+            import supervisor  # noqa: F401  (the fleet runs under it)
+        except ImportError as exc:
+            if self.args.multi:
+                log.error("the supervisor cannot run: %s", exc)
+                return 1
+            first = self.config.bots[0].name
+            log.warning("the supervisor cannot run (%s); falling back to single-bot mode with bot %r "
+                        "(the other configured bots are not started)", exc, first)
+            return self.run_single_bot_fallback(first)
+        return supervisor.ProcessSupervisor(self.config, self.args.log_level).run()
+
+    def run_single_bot_fallback(self, name: str) -> int:
+        import bot
+        bot_config = self.config.bot(name)
+        bot.configure_logging(bot_config.name, self.config.secrets(), self.args.log_level)
+        return bot.run(bot_config, self.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return MainIntegrator(argv).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
