@@ -141,6 +141,120 @@ class EnhancedIPCCommands:
         return EXIT_OK, result
 
 
+    # -- the fleet (through the supervisor's control socket)
+
+    def _supervisor(self, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """One request to the running supervisor; CommandError(3) when none answers."""
+        from supervisor import read_authkey, request
+        path = self.config.socket_path
+        key = read_authkey(self.config.data_dir)
+        if not path.exists() or key is None:
+            raise CommandError(f"the supervisor is not running (no control socket at {path}); "
+                               "start it with: python main.py", EXIT_NO_SUPERVISOR)
+        try:
+            answer = request(path, key, {**payload, "timeout": timeout}, timeout=timeout + 5)
+        except (ConnectionRefusedError, FileNotFoundError, EOFError):
+            raise CommandError(f"the supervisor is not running (nothing answers on {path}); "
+                               "start it with: python main.py", EXIT_NO_SUPERVISOR) from None
+        except OSError as exc:
+            raise CommandError(f"cannot talk to the supervisor on {path}: {exc}") from None
+        if answer.get("status") != "ok":
+            raise CommandError(answer.get("reason", "the supervisor refused"), answer.get("code", EXIT_FAILED),
+                               payload={k: v for k, v in answer.items() if k not in ("status", "reason")})
+        return answer
+
+    def bot_list(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        answer = self._supervisor({"command": "bot_list"})
+        return EXIT_OK, {"supervisor": answer["supervisor"], "bots": answer["bots"]}
+
+    def _change_bot(self, command: str, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        answer = self._supervisor({"command": command, "name": args.name}, timeout=args.timeout)
+        return EXIT_OK, {"command": command, "bot": answer["bot"], "changed": answer.get("changed", True)}
+
+    def bot_start(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        return self._change_bot("bot_start", args)
+
+    def bot_stop(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        return self._change_bot("bot_stop", args)
+
+    def bot_restart(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        return self._change_bot("bot_restart", args)
+
+    def reload(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        answer = self._supervisor({"command": "reload"}, timeout=30)
+        return EXIT_OK, {k: answer[k] for k in ("added", "removed", "changed")}
+
+    def cache_stats(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        answer = self._supervisor({"command": "cache_stats", "name": args.bot})
+        return EXIT_OK, {"bots": answer["bots"]}
+
+    def system_health(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        """ok: every wanted bot RUNNING with a fresh heartbeat, the database answers, nothing
+        pending; down: no supervisor or no database; degraded: anything in between."""
+        problems: list[str] = []
+        try:
+            fleet = self._supervisor({"command": "bot_list"})
+            supervisor = {"status": "ok", **fleet["supervisor"]}
+            bots = [_bot_health(b, fleet["heartbeat_timeout_s"]) for b in fleet["bots"]]
+            problems += [f"bot {b['name']}: {b['reason']}" for b in bots if b["status"] != "ok"]
+        except CommandError as exc:
+            supervisor, bots = {"status": "down", "reason": str(exc)}, []
+            problems.append(str(exc))
+        database = self._database_health()
+        if database["status"] != "ok":
+            problems.append(f"database: {database['reason']}")
+        if supervisor["status"] == "down" or database["status"] == "down":
+            status = "down"
+        elif problems:
+            status = "degraded"
+        else:
+            status = "ok"
+        result = {"status": status, "problems": problems, "supervisor": supervisor, "bots": bots, "database": database}
+        return (EXIT_OK if status == "ok" else EXIT_FAILED), result
+
+    def _database_health(self) -> dict[str, Any]:
+        from multiprocess_connection_manager import DatabaseError, Migrator
+        manager = self._database()
+        try:
+            db = manager.connection_manager()
+            started = time.perf_counter()
+            db.fetchval("SELECT 1")
+            latency = round((time.perf_counter() - started) * 1000, 2)
+            migrations = Migrator(db).status().as_dict()
+            inbox = db.fetchdicts(_INBOX_SQL) if db.fetchval("SELECT to_regclass('dims_inbox')") else []
+        except DatabaseError as exc:
+            return {"status": "down", "reason": str(exc)}
+        finally:
+            manager.shutdown()
+        health = {"status": "ok", "latency_ms": latency, "migrations": migrations, "inbox": inbox}
+        reasons = []
+        if migrations["pending"]:
+            reasons.append(f"{migrations['pending']} migrations pending (run db_migrate)")
+        if migrations["drifted"]:
+            reasons.append(f"{len(migrations['drifted'])} migrations drifted")
+        dead = sum(row["dead"] for row in inbox)
+        if dead:
+            reasons.append(f"{dead} updates parked as dead in the inbox")
+        if reasons:
+            health.update(status="degraded", reason="; ".join(reasons))
+        return health
+
+    def chat(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        """Talk to a bot in the sandbox as a Telegram user, from this terminal."""
+        config = self.config
+        demo = config.data_dir / "demo.toml"
+        if not any(b.name == args.name for b in config.bots) and demo.exists():
+            config = load_config(demo)   # the demo's bots, while `python main.py` runs the demo
+        bot = config.bot(args.name)
+        api_url = config.telegram.api_url
+        if not api_url.endswith("/bot") or "api.telegram.org" in api_url:
+            raise CommandError(f"chat talks to the Telegram sandbox, but bot {bot.name} uses {api_url}; "
+                               "use a real Telegram client for it", EXIT_USAGE)
+        import telegram_sandbox
+        code = telegram_sandbox.chat(api_url[: -len("/bot")], bot.token, user_id=args.user_id)
+        return code, {"bot": bot.name}
+
+
 _CONNECTIONS_SQL = """
     SELECT application_name AS process,
            count(*) AS total,
@@ -155,6 +269,23 @@ _CONNECTIONS_SQL = """
 _DB_CONNECTIONS_SQL = """
     SELECT (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') AS in_use,
            current_setting('max_connections')::int AS server_max"""
+
+
+_INBOX_SQL = """
+    SELECT bot, count(*) FILTER (WHERE status = 'pending') AS backlog,
+           count(*) FILTER (WHERE status = 'dead') AS dead
+      FROM dims_inbox WHERE status <> 'done' GROUP BY bot ORDER BY bot"""
+
+
+def _bot_health(row: dict[str, Any], heartbeat_timeout: float) -> dict[str, Any]:
+    health = {"name": row["name"], "state": row["state"], "status": "ok"}
+    if row["wanted"] == "stopped":
+        health["reason"] = "stopped by an operator"
+    elif row["state"] != "RUNNING":
+        health.update(status="down", reason=f"{row['state']}" + (f": {row['last_error']}" if row["last_error"] else ""))
+    elif row["heartbeat_age_s"] is None or row["heartbeat_age_s"] > heartbeat_timeout:
+        health.update(status="degraded", reason=f"no heartbeat for {row['heartbeat_age_s']} s")
+    return health
 
 
 # --------------------------------------------------------------------------- human output
@@ -309,6 +440,74 @@ def _girls_export_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- the command table
 
 
+def _age(seconds: Any) -> str:
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _show_bot_list(result: dict[str, Any]) -> str:
+    rows = [{**b, "uptime": _age(b["uptime_s"]), "heartbeat": _age(b["heartbeat_age_s"]),
+             "updates": b["updates_handled"], "last_error": _shorten(b["last_error"] or "", 50) or None}
+            for b in result["bots"]]
+    supervisor = result["supervisor"]
+    head = f"supervisor pid {supervisor['pid']}, up {_age(supervisor['uptime_s'])}\n"
+    return head + format_table(rows, ["name", "state", "pid", "uptime", "restarts", "heartbeat", "updates", "last_error"])
+
+
+def _show_bot_change(result: dict[str, Any]) -> str:
+    bot = result["bot"]
+    pid = f" (pid {bot['pid']})" if bot["pid"] else ""
+    already = "" if result["changed"] else " already"
+    return f"bot {bot['name']} is{already} {bot['state']}{pid}"
+
+
+def _show_reload(result: dict[str, Any]) -> str:
+    parts = [f"{what}: {', '.join(names)}" for what, names in result.items() if names]
+    return "reloaded; " + ("; ".join(parts) if parts else "no bot changed")
+
+
+def _show_cache_stats(result: dict[str, Any]) -> str:
+    rows = [{**b, "hit_rate": f"{b['hit_rate'] * 100:.1f}%" if b.get("hit_rate") is not None else None}
+            for b in result["bots"]]
+    return format_table(rows, ["name", "hits", "misses", "hit_rate", "entries", "evictions", "invalidations"])
+
+
+def _show_system_health(result: dict[str, Any]) -> str:
+    lines = [f"status: {result['status']}"]
+    supervisor = result["supervisor"]
+    lines.append(f"supervisor: {supervisor['status']}" + (f" (pid {supervisor['pid']})" if "pid" in supervisor else ""))
+    database = result["database"]
+    lines.append(f"database: {database['status']}" + (f" ({database['latency_ms']} ms)" if "latency_ms" in database else ""))
+    if result["bots"]:
+        lines.append(format_table(result["bots"], ["name", "state", "status", "reason"]))
+    lines += [f"problem: {p}" for p in result["problems"]]
+    return "\n".join(lines)
+
+
+def _show_chat(result: dict[str, Any]) -> str:
+    return ""
+
+
+def _bot_name_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="NAME", help="the bot's name")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the new state (default 30)")
+
+
+def _cache_stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bot", metavar="BOT", nargs="?", help="one bot (default: every bot)")
+
+
+def _chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", metavar="BOT", help="the bot to talk to (a configured or a demo bot)")
+    parser.add_argument("--user-id", type=int, default=1000, help="your Telegram user id in the sandbox (default 1000)")
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[[EnhancedIPCCommands, argparse.Namespace], tuple[int, dict[str, Any]]]
@@ -335,6 +534,26 @@ COMMANDS: dict[str, Command] = {
                             _girls_import_arguments),
     "girls_export": Command(EnhancedIPCCommands.girls_export, _show_girls_export,
                             "every profile as JSON or CSV (stdout, or --output FILE)", _girls_export_arguments),
+    # -- the fleet
+    "bot_list": Command(EnhancedIPCCommands.bot_list, _show_bot_list,
+                        "every bot: state, pid, uptime, restarts, heartbeat, updates, last error"),
+    "bot_start": Command(EnhancedIPCCommands.bot_start, _show_bot_change,
+                         "start one bot and wait until it is RUNNING", _bot_name_arguments),
+    "bot_stop": Command(EnhancedIPCCommands.bot_stop, _show_bot_change,
+                        "stop one bot (it stays stopped across restarts) and wait until it is STOPPED",
+                        _bot_name_arguments),
+    "bot_restart": Command(EnhancedIPCCommands.bot_restart, _show_bot_change,
+                           "restart one bot and wait until it is RUNNING again", _bot_name_arguments),
+    "cache_stats": Command(EnhancedIPCCommands.cache_stats, _show_cache_stats,
+                           "per bot: cache hits, misses, hit rate, entries, evictions, invalidations",
+                           _cache_stats_arguments),
+    "system_health": Command(EnhancedIPCCommands.system_health, _show_system_health,
+                             "supervisor, bots, database, migrations, inbox: ok, degraded or down"),
+    "reload": Command(EnhancedIPCCommands.reload, _show_reload,
+                      "re-read the configuration: start added bots, stop removed ones, restart changed ones"),
+    "chat": Command(EnhancedIPCCommands.chat, _show_chat,
+                    "talk to a bot in the Telegram sandbox as a user (type text, #N presses button N)",
+                    _chat_arguments),
 }
 
 
@@ -380,8 +599,8 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
         return exc.exit_code
     if args.json:
         print(json.dumps(result, default=str), file=stdout)
-    else:
-        print(command.show(result), file=stdout)
+    elif text := command.show(result):
+        print(text, file=stdout)
     if status != EXIT_OK and not args.json and "error" in result:
         print(f"{args.command}: {result['error']}", file=stderr)
     return status

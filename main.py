@@ -1,6 +1,7 @@
 """DIMS entry point: `MainIntegrator` reads the command line and the configuration and picks the
 mode - every bot under the supervisor, or one bot in this process (`--single`) - falling back to
-single-bot, with a WARNING that says why, when the supervisor cannot run.
+single-bot, with a WARNING that says why, when the supervisor cannot run. With no bot configured
+it runs the demo: the Telegram sandbox and two demo bots under the supervisor.
 
 Exit status: 0 after a clean stop, 2 for a usage or configuration error, otherwise the bot's
 or the supervisor's own code. Imports: `config`, then the layer it runs (`supervisor` or `bot`).
@@ -58,7 +59,7 @@ class MainIntegrator:
         if self.args.bot:
             raise ConfigError("--bot NAME goes with --single")
         if not self.config.bots:
-            raise ConfigError("no bots are configured: add [[bots]] tables to the config file or set BOT_TOKEN")
+            return Mode("demo", None, "no bot is configured")
         return Mode("multi", None, "--multi" if self.args.multi else "bots configured")
 
     def run(self) -> int:
@@ -70,6 +71,8 @@ class MainIntegrator:
             return EXIT_USAGE
         if mode.name == "single":
             return self.run_single_bot_fallback(mode.bot)
+        if mode.name == "demo":
+            return self.run_demo()
         return self.run_multibot_production()
 
     def run_multibot_production(self) -> int:
@@ -84,6 +87,20 @@ class MainIntegrator:
                         "(the other configured bots are not started)", exc, first)
             return self.run_single_bot_fallback(first)
         return supervisor.ProcessSupervisor(self.config, self.args.log_level).run()
+
+    def run_demo(self) -> int:
+        """No bot configured: the sandbox, a small demo roster and two demo bots, supervised."""
+        import demo
+        from telegram_sandbox import SandboxProcess
+        with SandboxProcess() as sandbox:
+            path = demo.write_config(self.config, sandbox.api_url)
+            try:
+                self.config = load_config(path)
+                demo.seed_roster(self.config)
+                print(demo.instructions(self.config, sandbox.url), flush=True)
+                return self.run_multibot_production()
+            finally:
+                path.unlink(missing_ok=True)
 
     def run_single_bot_fallback(self, name: str) -> int:
         import bot

@@ -37,6 +37,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import os
 import pathlib
 import queue
 import re
@@ -1903,8 +1904,11 @@ class SandboxProcess(SandboxClient):
 
     def start(self, timeout: float = 15.0) -> "SandboxProcess":
         command = [sys.executable, str(pathlib.Path(__file__).resolve()), "--host", self.host,
-                   "--port", str(self.port), "--log-level", self.log_level]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+                   "--port", str(self.port), "--log-level", self.log_level, "--exit-with-stdin"]
+        # Its own session: a Ctrl-C meant for the parent does not cut the sandbox away from
+        # bots that are still stopping; it ends when the parent stops it or dies (stdin EOF).
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        start_new_session=True)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: lines.put(self.process.stdout.readline()),
                          daemon=True).start()
@@ -1931,6 +1935,7 @@ class SandboxProcess(SandboxClient):
             self.process.kill()
             self.process.wait(timeout)
         self.process.stdout.close()
+        self.process.stdin.close()
 
     def __enter__(self) -> "SandboxProcess":
         return self.start()
@@ -2100,6 +2105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=_port, default=8081, help="port, 0 for any free one")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
+    parser.add_argument("--exit-with-stdin", action="store_true",
+                        help="stop when standard input closes (its parent process is gone)")
     commands = parser.add_subparsers(dest="command")
     talk = commands.add_parser("chat", help="chat with a bot as a Telegram user")
     talk.add_argument("--url", required=True, help="sandbox URL, e.g. http://127.0.0.1:8081")
@@ -2124,8 +2131,9 @@ def _port(text: str) -> int:
     return port
 
 
-def run_server(host: str, port: int) -> int:
-    """Serves until SIGINT or SIGTERM; prints the URL as the first line of stdout."""
+def run_server(host: str, port: int, exit_with_stdin: bool = False) -> int:
+    """Serves until SIGINT or SIGTERM (or, with exit_with_stdin, until stdin closes);
+    prints the URL as the first line of stdout."""
     if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
         LOG.warning("listening on %s: the sandbox is reachable from other machines", host)
 
@@ -2134,6 +2142,8 @@ def run_server(host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        if exit_with_stdin:
+            loop.add_reader(sys.stdin.fileno(), lambda: os.read(sys.stdin.fileno(), 4096) or stop.set())
         await serve(host, port, stop, ready=lambda url: print(banner(url), flush=True))
 
     try:
@@ -2151,7 +2161,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "chat":
         return chat(args.url, args.token, user_id=args.user_id, first_name=args.first_name)
-    return run_server(args.host, args.port)
+    return run_server(args.host, args.port, args.exit_with_stdin)
 
 
 if __name__ == "__main__":

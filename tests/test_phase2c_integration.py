@@ -1,0 +1,120 @@
+"""The smoke test: every layer imports, and `python main.py` runs a two-bot fleet that answers
+Telegram users and is operated from the CLI, then stops cleanly on SIGTERM. Also the demo that
+runs when nothing is configured. Real PostgreSQL, real processes, the sandbox as Telegram."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from telegram_sandbox import Sandbox
+from tests.conftest import ROOT
+from tests.support import TOKENS, Chat, DimsProcess, dims_env, write_config
+
+LAYERS = ["config", "multiprocess_connection_manager", "girls_manager", "bot", "supervisor",
+          "enhanced_ipc_commands", "telegram_sandbox", "demo", "main"]
+
+
+def cli(*args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), *args], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def cli_json(*args: str, env: dict[str, str]) -> tuple[int, dict]:
+    result = cli(*args, "--json", env=env)
+    return result.returncode, json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_every_layer_imports(layer):
+    module = importlib.import_module(layer)
+    assert module.__doc__, f"{layer} opens with a docstring"
+
+
+def test_cli_imports_no_telegram():
+    probe = subprocess.run([sys.executable, "-c", "import sys, enhanced_ipc_commands; "
+                            "print(any(m.startswith(('telegram', 'httpx')) for m in sys.modules))"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert probe.stdout.strip() == "False"
+
+
+def test_two_bots_answer_are_operated_from_the_cli_and_stop_cleanly(tmp_path, database_url):
+    home = Path(tempfile.mkdtemp(prefix="dims-smoke-"))
+    config = write_config(tmp_path / "dims.toml", {"alpha": {"display_name": "Alpha"}, "beta": {"display_name": "Beta"}})
+    with Sandbox() as sandbox:
+        env = dims_env(database_url, sandbox.api_url, home)
+        env["DIMS_CONFIG"] = str(config)
+        with DimsProcess([], env, tmp_path / "fleet.log") as fleet:
+            assert "Alpha" in Chat(sandbox, TOKENS["alpha"]).wait_until_answering()["text"]
+            assert "Beta" in Chat(sandbox, TOKENS["beta"]).wait_until_answering()["text"]
+
+            code, listing = cli_json("bot_list", env=env)
+            assert code == 0 and {b["name"]: b["state"] for b in listing["bots"]} == {"alpha": "RUNNING", "beta": "RUNNING"}
+            pids = [b["pid"] for b in listing["bots"]]
+            assert "alpha" in cli("bot_list", env=env).stdout
+
+            code, health = cli_json("system_health", env=env)
+            assert (code, health["status"]) == (0, "ok"), health
+            assert health["database"]["migrations"]["pending"] == 0
+
+            stopped = cli("bot_stop", "beta", env=env)
+            assert stopped.returncode == 0 and "bot beta is STOPPED" in stopped.stdout
+            code, listing = cli_json("bot_list", env=env)
+            assert [b["state"] for b in listing["bots"]] == ["RUNNING", "STOPPED"]
+            assert listing["bots"][0]["pid"] == pids[0], "bot_stop touches no other bot"
+            started = cli("bot_start", "beta", env=env)
+            assert started.returncode == 0 and "bot beta is RUNNING" in started.stdout
+            assert "Beta" in Chat(sandbox, TOKENS["beta"], user_id=77).say("/start")["text"]
+
+            code, cache = cli_json("cache_stats", env=env)
+            assert code == 0 and {b["name"] for b in cache["bots"]} == {"alpha", "beta"}
+            assert cli("bot_start", "gamma", env=env).returncode == 2
+
+            assert fleet.stop() == 0
+            log = fleet.log()
+        assert cli("bot_list", env=env).returncode == 3
+    shutil.rmtree(home, ignore_errors=True)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert "STOPPING -> STOPPED" in log
+    for token in TOKENS.values():
+        assert token not in log and token.split(":")[1] not in log
+
+
+def test_with_nothing_configured_main_runs_the_demo(tmp_path, database_url):
+    home = Path(tempfile.mkdtemp(prefix="dims-demo-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIMS_", "BOT_TOKEN", "TELEGRAM_API_URL"))}
+    env.update(DATABASE_URL=database_url, DIMS_DATA_DIR=str(home), PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py")], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        seen = []
+        while not any("RUNNING" in line and "bot beta" in line for line in seen) or \
+                not any("RUNNING" in line and "bot alpha" in line for line in seen):
+            seen.append(lines.get(timeout=60))
+        assert any("DIMS demo: 2 bots" in line for line in seen)
+        assert any("enhanced_ipc_commands.py chat alpha" in line for line in seen)
+        chat = cli("chat", "alpha", env=env, stdin="/start\n/girls\n#2\n")
+        assert chat.returncode == 0, chat.stderr
+        assert "Demo Alpha" in chat.stdout and "12 profiles" in chat.stdout
+        assert "[1] Ada" in chat.stdout and "Bianca" in chat.stdout
+        process.terminate()
+        assert process.wait(30) == 0
+        assert not (home / "demo.toml").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,238 @@
+"""The supervisor with real processes and signals: deaths, crash loops, rejected tokens, hangs,
+its own death, reload, and the control socket. The sandbox plays Telegram."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing.connection as mpc
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from multiprocess_connection_manager import ConnectionManager, Migrator
+from supervisor import ALLOWED_MOVES, State, read_authkey, request
+from telegram_sandbox import Sandbox
+from tests.conftest import ROOT
+from tests.support import TOKENS, Chat, DimsProcess, dims_env, write_config
+
+SUPERVISOR_SETTINGS = """
+[supervisor]
+heartbeat_interval = 0.5
+heartbeat_timeout = 3
+backoff_initial = 0.05
+backoff_max = 1
+restart_window = 30
+restart_budget = 3
+fatal_cooldown = 600
+stop_timeout = 5
+"""
+
+
+@pytest.fixture
+def sandbox():
+    with Sandbox() as sb:
+        yield sb
+
+
+class Fleet:
+    """`python main.py` with a config, and a control-socket client for it."""
+
+    def __init__(self, tmp_path: Path, database_url: str, sandbox, bots: dict[str, dict]):
+        self.tmp_path, self.sandbox = tmp_path, sandbox
+        self.home = Path(tempfile.mkdtemp(prefix="dims-sv-"))   # short: AF_UNIX paths are limited
+        self.config = write_config(tmp_path / "dims.toml", bots, extra=SUPERVISOR_SETTINGS)
+        self.env = dims_env(database_url, sandbox.api_url, self.home)
+        self.process = DimsProcess(["--config", str(self.config)], self.env, tmp_path / "fleet.log")
+
+    @property
+    def socket(self) -> Path:
+        return self.home / "dims.sock"
+
+    def start(self, names: list[str], timeout: float = 60) -> "Fleet":
+        self.process.start()
+        for name in names:
+            self.wait_for(name, ["RUNNING"], timeout)
+        return self
+
+    def ctl(self, payload: dict, timeout: float = 30) -> dict:
+        return request(self.socket, read_authkey(self.home), {**payload, "timeout": timeout}, timeout=timeout + 5)
+
+    def wait_for(self, name: str, states: list[str], timeout: float = 30) -> dict:
+        """Block until the supervisor reports the bot in one of states (its own event, no polling)."""
+        deadline_reached = None
+        for _ in range(int(timeout * 10)):
+            try:
+                answer = self.ctl({"command": "wait", "name": name, "states": states}, timeout)
+                assert answer["status"] == "ok", answer
+                return answer["bot"]
+            except (FileNotFoundError, ConnectionRefusedError) as exc:   # not listening yet
+                deadline_reached = exc
+                if self.process.process.poll() is not None:
+                    raise AssertionError(f"supervisor exited: {self.process.log()[-3000:]}")
+                select.select([], [], [], 0.1)
+        raise AssertionError(f"control socket never answered: {deadline_reached}")
+
+    def row(self, name: str) -> dict:
+        return next(b for b in self.ctl({"command": "bot_list"})["bots"] if b["name"] == name)
+
+    def close(self) -> None:
+        if self.process.process and self.process.process.poll() is None:
+            self.process.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@pytest.fixture
+def make_fleet(tmp_path, database_url, sandbox):
+    fleets = []
+
+    def make(bots: dict[str, dict] | None = None) -> Fleet:
+        fleet = Fleet(tmp_path, database_url, sandbox, bots or {"alpha": {}, "beta": {}})
+        fleets.append(fleet)
+        return fleet
+
+    yield make
+    for fleet in fleets:
+        fleet.close()
+
+
+def pid_exits_within(pid: int, timeout: float) -> bool:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- the state table
+
+
+def test_every_state_can_be_left_and_stopped_is_reachable_from_everywhere():
+    assert set(ALLOWED_MOVES) == set(State)
+    reachable = {State.STOPPED}
+    changed = True
+    while changed:  # walk the table backwards from STOPPED
+        changed = False
+        for state, targets in ALLOWED_MOVES.items():
+            if state not in reachable and targets & reachable:
+                reachable.add(state)
+                changed = True
+    assert reachable == set(State)
+    assert State.RUNNING not in ALLOWED_MOVES[State.STOPPED], "RUNNING only after STARTING and ready"
+
+
+# --------------------------------------------------------------------------- with real processes
+
+
+def test_killed_bot_is_back_and_answering_with_the_restart_counted(make_fleet, sandbox):
+    fleet = make_fleet().start(["alpha", "beta"])
+    beta_pid = fleet.row("beta")["pid"]
+    old = fleet.row("alpha")
+    os.kill(old["pid"], signal.SIGKILL)
+    fleet.wait_for("alpha", ["BACKOFF", "STARTING"])
+    back = fleet.wait_for("alpha", ["RUNNING"])
+    assert back["pid"] != old["pid"] and back["restarts"] == 1
+    assert "SIGKILL" in (back["last_error"] or "")
+    assert "Alpha" in Chat(sandbox, TOKENS["alpha"], user_id=71).say("/start")["text"]
+    assert fleet.row("beta")["pid"] == beta_pid
+
+
+def test_crash_loop_backs_off_then_goes_fatal_and_recovers_on_bot_start(make_fleet, sandbox):
+    sandbox.fault(TOKENS["beta"], "getMe", status=500, times=1000)
+    fleet = make_fleet().start(["alpha"])
+    fatal = fleet.wait_for("beta", ["FATAL"], timeout=60)
+    assert fatal["restarts"] == 3 and "restarts within 30 s" in fleet.process.log()
+    log = fleet.process.log()
+    delays = [float(line.split("restarting in ")[1].split(" s")[0]) for line in log.splitlines()
+              if "bot beta: EXITED -> BACKOFF" in line]
+    assert len(delays) == 3 and delays[0] < delays[-1], delays   # the backoff grows
+    sandbox.fault(TOKENS["beta"], "getMe", status=500, times=0)   # the cause is fixed
+    answer = fleet.ctl({"command": "bot_start", "name": "beta"})
+    assert answer["status"] == "ok" and answer["bot"]["state"] == "RUNNING"
+    assert "Beta" in Chat(sandbox, TOKENS["beta"], user_id=72).say("/start")["text"]
+
+
+def test_rejected_token_is_fatal_at_once_without_restarts_and_other_bots_untouched(make_fleet, sandbox, tmp_path):
+    token = "7000009:AAFakeTokenForTestsOnly_revoked00000"
+    sandbox.revoke(token)
+    fleet = make_fleet({"alpha": {}, "gamma": {}})
+    fleet.env["GAMMA_TOKEN"] = token
+    fleet.start(["alpha"])
+    alpha_pid = fleet.row("alpha")["pid"]
+    fatal = fleet.wait_for("gamma", ["FATAL"])
+    assert fatal["restarts"] == 0 and "token rejected" in fatal["last_error"]
+    assert fleet.row("gamma")["restarts"] == 0
+    assert fleet.row("alpha")["pid"] == alpha_pid and fleet.row("alpha")["state"] == "RUNNING"
+    assert token not in fleet.process.log() and token.split(":")[1] not in fleet.process.log()
+
+
+def test_hung_bot_is_killed_by_the_watchdog_and_restarted(make_fleet, sandbox):
+    fleet = make_fleet({"alpha": {}}).start(["alpha"])
+    pid = fleet.row("alpha")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    fleet.wait_for("alpha", ["BACKOFF", "STARTING"], timeout=20)
+    back = fleet.wait_for("alpha", ["RUNNING"])
+    assert back["pid"] != pid and "no heartbeat" in fleet.process.log()
+    assert "Alpha" in Chat(sandbox, TOKENS["alpha"], user_id=73).say("/start")["text"]
+
+
+def test_killed_supervisor_leaves_no_orphans(make_fleet):
+    fleet = make_fleet().start(["alpha", "beta"])
+    pids = [fleet.row(n)["pid"] for n in ("alpha", "beta")]
+    fleet.process.kill()
+    for pid in pids:
+        assert pid_exits_within(pid, 10), f"bot process {pid} outlived the supervisor"
+
+
+def test_reload_adds_a_bot_and_leaves_the_others_running(make_fleet, sandbox):
+    fleet = make_fleet({"alpha": {}}).start(["alpha"])
+    pid = fleet.row("alpha")["pid"]
+    write_config(fleet.config, {"alpha": {}, "beta": {"display_name": "Beta Added"}}, extra=SUPERVISOR_SETTINGS)
+    os.kill(fleet.process.pid, signal.SIGHUP)
+    fleet.wait_for("beta", ["RUNNING"])
+    assert fleet.row("alpha")["pid"] == pid
+    assert "Beta Added" in Chat(sandbox, TOKENS["beta"], user_id=74).say("/start")["text"]
+
+
+def test_bot_stop_survives_a_supervisor_restart(make_fleet, tmp_path):
+    fleet = make_fleet().start(["alpha", "beta"])
+    assert fleet.ctl({"command": "bot_stop", "name": "beta"})["bot"]["state"] == "STOPPED"
+    assert fleet.process.stop() == 0
+    again = make_fleet().start(["alpha"])
+    assert again.row("beta")["state"] == "STOPPED"
+
+
+def test_control_socket_is_private_and_survives_bad_clients(make_fleet):
+    fleet = make_fleet({"alpha": {}}).start(["alpha"])
+    assert (fleet.socket.stat().st_mode & 0o777) == 0o600
+    assert ((fleet.home / "dims.key").stat().st_mode & 0o777) == 0o600
+    with pytest.raises((mpc.AuthenticationError, EOFError, ConnectionError)):
+        request(fleet.socket, b"wrong-key", {"command": "bot_list"})
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(str(fleet.socket))
+        raw.sendall(b"\x00\x00\x00\x05garbage and more garbage")
+    silent = socket.socket(socket.AF_UNIX)
+    silent.connect(str(fleet.socket))  # says nothing at all
+    assert fleet.ctl({"command": "bot_list"})["status"] == "ok"
+    assert fleet.ctl({"command": "no_such"})["status"] == "error"
+    silent.close()
+    assert "failed the handshake" in fleet.process.log()
+
+
+def test_a_second_supervisor_refuses_and_names_the_running_one(make_fleet):
+    fleet = make_fleet({"alpha": {}}).start(["alpha"])
+    second = subprocess.run([sys.executable, str(ROOT / "main.py"), "--multi", "--config", str(fleet.config)],
+                            env=fleet.env, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert f"another supervisor is running (pid {fleet.process.pid})" in second.stderr
+    assert fleet.row("alpha")["state"] == "RUNNING"
