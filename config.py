@@ -60,7 +60,7 @@ class SupervisorConfig:
     start_timeout: float = 60.0     # STARTING without `ready` for this long: failed start
     backoff_initial: float = 0.05
     backoff_max: float = 30.0
-    stable_after: float = 30.0      # RUNNING this long resets the backoff
+    stable_after: float = 10.0      # RUNNING this long resets the backoff
     restart_window: float = 60.0
     restart_budget: int = 5         # restarts per window before FATAL
     fatal_cooldown: float = 300.0   # FATAL recovers by itself after this long

@@ -395,6 +395,13 @@ class ProcessSupervisor:
         os.set_blocking(self._wake_r, False)
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(PRELOAD)
+        # Python 3.11's forkserver ignores the sys.path it is given, so the preload of this
+        # project's modules would fail silently (and every bot would import them again):
+        # the forkserver inherits the environment, so put the project on PYTHONPATH.
+        project = str(Path(__file__).resolve().parent)
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if project not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([project, *filter(None, paths)])
         self._waiters: list[tuple[str, set[State], set[State], float, Callable[[dict], None]]] = []
         self._queries: dict[int, tuple[Callable[[dict], None], dict[str, Any], set[str], float]] = {}
         self._next_id = 1

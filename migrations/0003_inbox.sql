@@ -16,10 +16,3 @@ CREATE TABLE dims_inbox (
 
 CREATE INDEX dims_inbox_pending ON dims_inbox (bot_id, update_id) WHERE status = 'pending';
 CREATE INDEX dims_inbox_done_at ON dims_inbox (done_at) WHERE status = 'done';
-
--- Where each bot's next getUpdates starts: everything below it is stored in the inbox.
-CREATE TABLE dims_inbox_offsets (
-    bot_id      bigint PRIMARY KEY,
-    next_offset bigint NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT now()
-);

@@ -287,3 +287,20 @@ def test_database_restart_in_the_middle_of_a_burst_loses_nothing(tmp_path):
     finally:
         server.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_inbox_stores_a_redelivery_once_and_a_reused_update_id_as_new(db):
+    from bot import Inbox
+    Migrator(db).migrate()
+    inbox = Inbox(db, "alpha", 7000001)
+    first = {"update_id": 5, "message": {"message_id": 1, "text": "/start"}}
+    assert inbox.store([first]) == 1
+    inbox.mark_done(5)
+    assert inbox.store([first]) == 0, "Telegram redelivered it: already handled"
+    assert inbox.pending() == []
+    reused = {"update_id": 5, "message": {"message_id": 77, "text": "/girls"}}
+    assert inbox.store([reused]) == 1, "a new update that reuses an old id is not a duplicate"
+    assert inbox.pending() == [(5, reused)]
+    assert inbox.mark_failed(5, "boom") is False and inbox.mark_failed(5, "boom") is False
+    assert inbox.mark_failed(5, "boom") is True
+    assert inbox.counts() == {"backlog": 0, "dead": 1}
