@@ -14,7 +14,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from config import Config, ConfigError, load_config
+from config import Config, ConfigError, install_log_redaction, load_config
 
 log = logging.getLogger("dims")
 
@@ -69,6 +69,8 @@ class MainIntegrator:
         except ConfigError as exc:
             print(f"configuration error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        install_log_redaction(self.config.secrets())
+        log.info("mode: %s (%s)", mode.name, mode.reason)
         if mode.name == "single":
             return self.run_single_bot_fallback(mode.bot)
         if mode.name == "demo":

@@ -370,6 +370,7 @@ class Child:
     term_sent: bool = False
     last_error: str | None = None
     restart_after_stop: bool = False
+    removed: bool = False               # no longer configured: forgotten once stopped
 
     @property
     def name(self) -> str:
@@ -464,6 +465,11 @@ class ProcessSupervisor:
         child.stop_deadline = time.monotonic() + self.settings.stop_timeout
         self._send(child, Message(Kind.STOP))
 
+    def _forget_if_stopped(self, child: Child) -> None:
+        if child.removed and child.state is State.STOPPED:
+            self.children.pop(child.name, None)
+            log.info("bot %s: removed from the configuration", child.name)
+
     def _on_exit(self, child: Child) -> None:
         process = child.process
         process.join(0)
@@ -475,6 +481,7 @@ class ProcessSupervisor:
         self.events and self.events.record(child.name, "exit", status, pid=process.pid, exit_code=code)
         if child.state is State.STOPPING:
             self.change_state(child, State.STOPPED, status)
+            self._forget_if_stopped(child)
             if child.restart_after_stop and not self._shutting_down:
                 child.restart_after_stop = False
                 child.restarts += 1
@@ -696,7 +703,7 @@ class ProcessSupervisor:
             self._ctx.get_start_method()
             for bot_config in self.config.bots:
                 self.children[bot_config.name] = Child(bot_config)
-            self._load_desired_states()
+            self._load_desired_states(list(self.children))
             log.info("supervisor %d: %d bots, control socket %s", os.getpid(), len(self.children),
                      self.config.socket_path)
             for child in self.children.values():
@@ -730,12 +737,12 @@ class ProcessSupervisor:
         self.events = EventLog(db)
         self.events.record(None, "supervisor", "started", pid=os.getpid())
 
-    def _load_desired_states(self) -> None:
-        db = self.database.db
-        with db.transaction() as tx:
-            for name in self.children:
+    def _load_desired_states(self, names: list[str]) -> None:
+        """Each bot's desired state from dims_bots (new bots are recorded as wanted running)."""
+        with self.database.db.transaction() as tx:
+            for name in names:
                 tx.execute("INSERT INTO dims_bots (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
-            rows = tx.fetchall("SELECT name, desired_state FROM dims_bots WHERE name = ANY(%s)", (list(self.children),))
+            rows = tx.fetchall("SELECT name, desired_state FROM dims_bots WHERE name = ANY(%s)", (names,))
         for name, desired in rows:
             self.children[name].wanted = desired == "running"
 
@@ -767,26 +774,30 @@ class ProcessSupervisor:
             fresh = load_config(self.config.path)
         except Exception as exc:
             return {"status": "error", "reason": f"configuration not reloaded: {exc}"}
-        old = {c.name: c.config for c in self.children.values()}
+        old = {c.name: c.config for c in self.children.values() if not c.removed}
         new = {b.name: b for b in fresh.bots}
         added = [n for n in new if n not in old]
         removed = [n for n in old if n not in new]
         changed = [n for n in new if n in old and new[n] != old[n]]
-        self.config = fresh
+        self.config, self.settings = fresh, fresh.supervisor
         for name in removed:
             child = self.children[name]
+            child.removed = True
             self.stop_bot(child)
-            if child.state is State.STOPPED or child.state is State.EXITED:
-                self.children.pop(name)
+            self._forget_if_stopped(child)
         for name in changed:
             child = self.children[name]
             child.config = new[name]
             if child.state in (State.STARTING, State.RUNNING):
                 self.stop_bot(child, restart=True)
+            elif child.state is State.FATAL and child.wanted:
+                self.start_bot(child)   # e.g. a rejected token was replaced
         for name in added:
             self.children[name] = Child(new[name])
-            self._save_desired_state(self.children[name])
-            self.start_bot(self.children[name])
+        self._load_desired_states(added)
+        for name in added:
+            if self.children[name].wanted:
+                self.start_bot(self.children[name])
         self.events and self.events.record(None, "reload", "", added=added, removed=removed, changed=changed)
         return {"status": "ok", "added": added, "removed": removed, "changed": changed}
 

@@ -13,11 +13,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from multiprocess_connection_manager import ConnectionManager, Migrator
+from multiprocess_connection_manager import ConnectionManager
 from supervisor import ALLOWED_MOVES, State, read_authkey, request
 from telegram_sandbox import Sandbox
 from tests.conftest import ROOT
@@ -103,6 +104,16 @@ def make_fleet(tmp_path, database_url, sandbox):
         fleet.close()
 
 
+def eventually(read, done, timeout: float = 10.0):
+    """read() until done(value) holds, for at most timeout seconds; the last value."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        select.select([], [], [], 0.05)
+        value = read()
+    return value
+
+
 def pid_exits_within(pid: int, timeout: float) -> bool:
     try:
         fd = os.pidfd_open(pid)
@@ -145,6 +156,16 @@ def test_killed_bot_is_back_and_answering_with_the_restart_counted(make_fleet, s
     assert "SIGKILL" in (back["last_error"] or "")
     assert "Alpha" in Chat(sandbox, TOKENS["alpha"], user_id=71).say("/start")["text"]
     assert fleet.row("beta")["pid"] == beta_pid
+    db = ConnectionManager(fleet.env["DATABASE_URL"], role="test")
+    query = "SELECT kind, state_to, pid, message FROM dims_events WHERE bot = 'alpha' ORDER BY id"
+    # The supervisor writes its event log from a thread: wait (with a deadline) for the last row.
+    events = eventually(lambda: db.fetchall(query), lambda rows: len(rows) >= 9 and rows[-1][1] == "RUNNING")
+    db.close()
+    assert ("exit", None, old["pid"], "killed by SIGKILL") in events
+    kinds = [kind for kind, *_ in events]
+    assert kinds.count("start") == 2 and "restart" in kinds
+    assert [to for kind, to, *_ in events if kind == "state"] == \
+        ["STARTING", "RUNNING", "EXITED", "BACKOFF", "STARTING", "RUNNING"]
 
 
 def test_crash_loop_backs_off_then_goes_fatal_and_recovers_on_bot_start(make_fleet, sandbox):
@@ -202,6 +223,22 @@ def test_reload_adds_a_bot_and_leaves_the_others_running(make_fleet, sandbox):
     fleet.wait_for("beta", ["RUNNING"])
     assert fleet.row("alpha")["pid"] == pid
     assert "Beta Added" in Chat(sandbox, TOKENS["beta"], user_id=74).say("/start")["text"]
+
+
+def test_reload_restarts_only_changed_bots_and_stops_removed_ones(make_fleet, sandbox):
+    fleet = make_fleet({"alpha": {}, "beta": {}, "gamma": {}})
+    fleet.env["GAMMA_TOKEN"] = "7000003:AAFakeTokenForTestsOnly_gamma0000000"
+    fleet.start(["alpha", "beta", "gamma"])
+    pids = {name: fleet.row(name)["pid"] for name in ("alpha", "beta", "gamma")}
+    write_config(fleet.config, {"alpha": {}, "beta": {"display_name": "Beta Renamed"}}, extra=SUPERVISOR_SETTINGS)
+    answer = fleet.ctl({"command": "reload"})
+    assert (answer["added"], answer["changed"], answer["removed"]) == ([], ["beta"], ["gamma"])
+    fleet.wait_for("beta", ["RUNNING"])
+    assert "Beta Renamed" in Chat(sandbox, TOKENS["beta"], user_id=75).say("/start")["text"]
+    assert pid_exits_within(pids["gamma"], 10)
+    assert fleet.row("alpha")["pid"] == pids["alpha"] and fleet.row("beta")["pid"] != pids["beta"]
+    listed = [b["name"] for b in fleet.ctl({"command": "bot_list"})["bots"]]
+    assert listed == ["alpha", "beta"]
 
 
 def test_bot_stop_survives_a_supervisor_restart(make_fleet, tmp_path):
