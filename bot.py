@@ -15,6 +15,7 @@ manager and `config`; never the supervisor or the CLI.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -37,8 +38,10 @@ from telegram.ext import (
     ContextTypes, MessageHandler, TypeHandler, filters,
 )
 
-from config import BotConfig, Config, install_log_redaction
-from girls_manager import EDITABLE_FIELDS, GirlsManager, Page, Profile, ProfileNotFound, RosterError
+from config import BotConfig, Config, TelegramConfig, install_log_redaction
+from girls_manager import (
+    EDITABLE_FIELDS, GirlsManager, NotCached, Page, Profile, ProfileNotFound, RosterError, cache_only,
+)
 from multiprocess_connection_manager import ConnectionManager, DatabaseError, DatabaseIntegrationManager
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,11 @@ MAX_ATTEMPTS = 3             # handler failures before an update is parked as de
 RETRY_DELAYS = (0.2, 1.0)    # between those attempts
 INBOX_RETENTION_S = 3 * 24 * 3600
 PRUNE_EVERY_S = 3600
+MAINTAIN_EVERY_S = 30
+PENDING_BATCH = 10_000
+FETCH_LIMIT = 100
+FETCH_LINGER_S = 0.005     # after a batch: more updates per getUpdates and per inbox write
+MAX_CONCURRENT_UPDATES = 4  # chats handled at once; within a chat, one update at a time
 PER_PAGE = 8
 TOUCH_EVERY_S = 60.0
 ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
@@ -79,22 +87,24 @@ class Inbox:
         content is a new update reusing an old id (Telegram restarts ids after a week without
         updates; a fresh sandbox starts again at 1): it replaces the old, finished row.
         """
-        with self.db.transaction() as tx:
-            return sum(tx.execute(
-                "INSERT INTO dims_inbox (bot_id, update_id, bot, payload) VALUES (%s, %s, %s, %s::jsonb) "
-                "ON CONFLICT (bot_id, update_id) DO UPDATE SET payload = EXCLUDED.payload, bot = EXCLUDED.bot, "
-                "status = 'pending', attempts = 0, error = NULL, received_at = now(), done_at = NULL "
-                "WHERE dims_inbox.payload <> EXCLUDED.payload",
-                (self.bot_id, payload["update_id"], self.bot_name, json.dumps(payload))) for payload in updates)
+        return self.db.execute(
+            "INSERT INTO dims_inbox (bot_id, update_id, bot, payload) "
+            "SELECT %s, id, %s, body::jsonb FROM unnest(%s::bigint[], %s::text[]) AS batch(id, body) "
+            "ON CONFLICT (bot_id, update_id) DO UPDATE SET payload = EXCLUDED.payload, bot = EXCLUDED.bot, "
+            "status = 'pending', attempts = 0, error = NULL, received_at = now(), done_at = NULL "
+            "WHERE dims_inbox.payload <> EXCLUDED.payload",
+            (self.bot_id, self.bot_name, [p["update_id"] for p in updates], [json.dumps(p) for p in updates]))
 
     def pending(self, limit: int = 100) -> list[tuple[int, dict[str, Any]]]:
         return self.db.fetchall(
             "SELECT update_id, payload FROM dims_inbox WHERE bot_id = %s AND status = 'pending' "
             "ORDER BY update_id LIMIT %s", (self.bot_id, limit))
 
-    def mark_done(self, update_id: int) -> None:
-        self.db.execute("UPDATE dims_inbox SET status = 'done', done_at = now() WHERE bot_id = %s AND update_id = %s",
-                        (self.bot_id, update_id))
+    def mark_done(self, update_ids: list[int]) -> None:
+        """Asynchronous commit: the bot does not wait for the disk (the rows are stored, so a
+        PostgreSQL crash can at worst hand an update out once more)."""
+        self.db.execute("SET LOCAL synchronous_commit TO off; UPDATE dims_inbox SET status = 'done', done_at = now() "
+                        "WHERE bot_id = %s AND update_id = ANY(%s)", (self.bot_id, update_ids))
 
     def mark_failed(self, update_id: int, error: str) -> bool:
         """Count a failed attempt; True when the update is now parked as dead."""
@@ -202,7 +212,16 @@ class Handlers:
         return bool(update.effective_user) and update.effective_user.id in self.bot_config.admins
 
     async def roster(self, method: Callable[..., Any], *args: Any) -> Any:
+        """A roster call in a worker thread (psycopg2 blocks)."""
         return await asyncio.to_thread(method, *args)
+
+    async def read(self, method: Callable[..., Any], *args: Any) -> Any:
+        """A roster read: answered inline when cached, else in a worker thread."""
+        try:
+            with cache_only():
+                return method(*args)
+        except NotCached:
+            return await asyncio.to_thread(method, *args)
 
     def install(self, app: Application) -> None:
         for name, _ in USER_COMMANDS:
@@ -234,7 +253,7 @@ class Handlers:
     # -- user commands
 
     async def cmd_start(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        count = await self.roster(self.girls.count)
+        count = await self.read(self.girls.count)
         profiles = "1 profile" if count == 1 else f"{count} profiles"
         await update.effective_message.reply_text(
             f"Hi! I'm {self.bot_config.display_name}, and I present {profiles}.\n"
@@ -247,7 +266,7 @@ class Handlers:
         await update.effective_message.reply_text("\n".join(lines))
 
     async def cmd_girls(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        text, keyboard = page_view(await self.roster(self.girls.page, 0, PER_PAGE))
+        text, keyboard = page_view(await self.read(self.girls.page, 0, PER_PAGE))
         await update.effective_message.reply_text(text, reply_markup=keyboard)
 
     async def cmd_find(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -255,7 +274,7 @@ class Handlers:
         if not text:
             await update.effective_message.reply_text("Tell me what to look for, e.g. /find anna")
             return
-        found = await self.roster(self.girls.search, text, 20)
+        found = await self.read(self.girls.search, text, 20)
         if not found:
             await update.effective_message.reply_text(
                 f"Nothing matched {quote(text)}. Try a shorter word, or /girls to browse.")
@@ -273,7 +292,7 @@ class Handlers:
         await update.effective_message.reply_text(f"{profile.name} {verb} your favourites.")
 
     async def cmd_favs(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        favourites = await self.roster(self.girls.favourites, update.effective_user.id)
+        favourites = await self.read(self.girls.favourites, update.effective_user.id)
         if not favourites:
             await update.effective_message.reply_text(
                 "You have no favourites yet. Open a profile from /girls and tap ☆, or send /fav NAME.")
@@ -334,7 +353,7 @@ class Handlers:
         kind, number, page = match.group(1), int(match.group(2)), int(match.group(3) or 0)
         try:
             if kind == "g":
-                text, keyboard = page_view(await self.roster(self.girls.page, number, PER_PAGE))
+                text, keyboard = page_view(await self.read(self.girls.page, number, PER_PAGE))
                 await query.answer()
                 await _edit_or_send(query, text, keyboard)
             elif kind == "p":
@@ -345,8 +364,8 @@ class Handlers:
             await query.answer("That profile is no longer available.", show_alert=True)
 
     async def _open_card(self, query, profile_id: int, page: int) -> None:
-        profile = await self.roster(self.girls.get, profile_id)
-        favourite = await self.roster(self.girls.is_favourite, query.from_user.id, profile_id)
+        profile = await self.read(self.girls.get, profile_id)
+        favourite = await self.read(self.girls.is_favourite, query.from_user.id, profile_id)
         await query.answer()
         keyboard = card_keyboard(profile, favourite, page)
         if profile.photo:
@@ -356,7 +375,7 @@ class Handlers:
             await _edit_or_send(query, card_text(profile), keyboard)
 
     async def _toggle_from_card(self, query, profile_id: int, page: int) -> None:
-        profile = await self.roster(self.girls.get, profile_id)
+        profile = await self.read(self.girls.get, profile_id)
         profile, now = await self.roster(self.girls.toggle_favourite, query.from_user.id, profile.name)
         await query.answer(f"{profile.name} {'added to' if now else 'removed from'} your favourites.")
         await query.edit_message_reply_markup(card_keyboard(profile, now, page))
@@ -423,11 +442,16 @@ class BotRunner:
         self.stats = BotStats()
         self.bot_id = int(bot_config.token.split(":", 1)[0])
         self.inbox = Inbox(db, bot_config.name, self.bot_id)
-        self.app = build_application(bot_config, config.telegram.api_url)
+        self.app = build_application(bot_config, config.telegram)
         self._failures: dict[int, BaseException] = {}
         self._offset: int | None = None          # the next getUpdates offset: all below is stored
-        self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._queues: dict[int, collections.deque] = {}   # chat -> its stored updates, in order
+        self._scheduled: set[int] = set()                  # update ids queued or in hand
+        self._workers: set[asyncio.Task] = set()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_UPDATES)
+        self._done_batch: list[tuple[int, asyncio.Future]] = []
+        self._done_writer: asyncio.Task | None = None
         self.handlers = Handlers(bot_config, girls)
         self.handlers.install(self.app)
         self.app.add_error_handler(self.on_error)
@@ -460,9 +484,9 @@ class BotRunner:
         try:
             await self.app.bot.set_my_commands([BotCommand(n, fit(t, 256)) for n, t in USER_COMMANDS])
             log.info("serving as @%s (%s)", self.app.bot.username, self.bot_config.display_name)
-            await self._persist(self.inbox.prune)
+            await self._schedule_pending()          # what an earlier run stored comes first
             tasks = [asyncio.create_task(self._fetch_loop(), name="fetch"),
-                     asyncio.create_task(self._process_loop(), name="process")]
+                     asyncio.create_task(self._maintain(), name="maintain")]
             if on_ready:
                 result = on_ready()
                 if asyncio.iscoroutine(result):
@@ -474,19 +498,17 @@ class BotRunner:
             await self.app.shutdown()
 
     async def _shutdown(self, tasks: list[asyncio.Task], stopper: asyncio.Task, done: set[asyncio.Task]) -> int:
+        """Stop fetching, let every update in hand finish, confirm the offset."""
         self._stopping.set()
-        self._wake.set()
-        fetch, process = tasks
-        fetch.cancel()
-        stopper.cancel()
-        await asyncio.gather(fetch, return_exceptions=True)
-        results = await asyncio.gather(process, return_exceptions=True)
-        for task in done:
-            if task is not stopper and isinstance(task.exception(), TokenRejected):
-                return EXIT_TOKEN_REJECTED
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                log.error("processing stopped with an error", exc_info=result)
+        for task in (*tasks, stopper):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        failed = [t.exception() for t in done if t is not stopper and not t.cancelled() and t.exception()]
+        if any(isinstance(exc, TokenRejected) for exc in failed):
+            return EXIT_TOKEN_REJECTED
+        for exc in failed:
+            log.error("the bot stopped on an error", exc_info=exc)
         await self._confirm_offset()
         log.info("stopped after %d updates", self.stats.updates_handled)
         return EXIT_OK
@@ -507,7 +529,7 @@ class BotRunner:
         backoff = Backoff()
         while not self._stopping.is_set():
             try:
-                updates = await self.app.bot.get_updates(offset=self._offset, timeout=self.poll_timeout, limit=100,
+                updates = await self.app.bot.get_updates(offset=self._offset, timeout=self.poll_timeout, limit=FETCH_LIMIT,
                                                          allowed_updates=ALLOWED_UPDATES)
             except RetryAfter as exc:
                 log.warning("Telegram asks to wait %s s before polling again (429)", exc.retry_after)
@@ -541,30 +563,64 @@ class BotRunner:
                 await asyncio.sleep(delay)
                 continue
             self._offset = updates[-1].update_id + 1
-            self._wake.set()
+            for update in updates:
+                self._schedule(update.update_id, update)
+            if len(updates) < FETCH_LIMIT:
+                await asyncio.sleep(FETCH_LINGER_S)   # under load, let the next batch fill a little
 
-    async def _process_loop(self) -> None:
-        last_prune = time.monotonic()
+    # -- processing: in order within a chat, chats concurrently
+
+    def _schedule(self, update_id: int, update: Update) -> None:
+        """Queue a stored update behind the earlier ones of its chat (once)."""
+        if update_id in self._scheduled or self._stopping.is_set():
+            return
+        self._scheduled.add(update_id)
+        chat = _chat_key(update)
+        queue = self._queues.get(chat)
+        if queue is None:
+            queue = self._queues[chat] = collections.deque()
+            worker = asyncio.create_task(self._drain(chat, queue), name=f"chat-{chat}")
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
+        queue.append((update_id, update))
+
+    async def _drain(self, chat: int, queue: collections.deque) -> None:
+        try:
+            while queue and not self._stopping.is_set():
+                update_id, update = queue[0]
+                async with self._slots:
+                    await self._handle(update_id, update)
+                queue.popleft()
+                self._scheduled.discard(update_id)
+        except Exception:
+            log.exception("handling chat %s failed; its updates stay in the inbox for a later pass", chat)
+        finally:
+            del self._queues[chat]
+            for update_id, _ in queue:   # left for _schedule_pending to pick up again
+                self._scheduled.discard(update_id)
+
+    async def _schedule_pending(self) -> None:
+        """Schedule stored updates not yet done (after a restart, or any left behind)."""
+        rows = await self._persist(self.inbox.pending, PENDING_BATCH)
+        for update_id, payload in rows or ():
+            if update_id not in self._scheduled:
+                self._schedule(update_id, Update.de_json(payload, self.app.bot))
+
+    async def _maintain(self) -> None:
+        """Every half minute: refresh the inbox figures, pick up strays; prune once an hour."""
+        last_prune = -float("inf")
         while not self._stopping.is_set():
-            self._wake.clear()
-            rows = await self._persist(self.inbox.pending, 100)
-            for update_id, payload in rows or ():
-                if self._stopping.is_set():
-                    return
-                await self._handle(update_id, payload)
-            if rows:
-                continue
-            counts = await self._persist(self.inbox.counts)
-            if counts:
-                self.stats.backlog, self.stats.dead = counts["backlog"], counts["dead"]
             if time.monotonic() - last_prune > PRUNE_EVERY_S:
                 last_prune = time.monotonic()
                 await self._persist(self.inbox.prune)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=5)
+            counts = await self._persist(self.inbox.counts)
+            if counts:
+                self.stats.backlog, self.stats.dead = counts["backlog"], counts["dead"]
+            await self._schedule_pending()
+            if await self._stopped_within(MAINTAIN_EVERY_S):
+                return
 
-    async def _handle(self, update_id: int, payload: dict[str, Any]) -> None:
-        update = Update.de_json(payload, self.app.bot)
+    async def _handle(self, update_id: int, update: Update) -> None:
         attempt = 0
         outage = Backoff()
         while True:
@@ -572,7 +628,7 @@ class BotRunner:
             await self.app.process_update(update)
             error = self._failures.pop(update_id, None)
             if error is None:
-                await self._persist(self.inbox.mark_done, update_id)
+                await self._mark_done(update_id)
                 self.stats.updates_handled += 1
                 return
             if is_database_outage(error):
@@ -589,6 +645,27 @@ class BotRunner:
                 return
             await asyncio.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
             attempt += 1
+
+    async def _mark_done(self, update_id: int) -> None:
+        """Group commit: marks asked for while one write is out go together in the next one.
+        Returns once this update's mark is written, so a chat's next update waits for it."""
+        done = asyncio.get_running_loop().create_future()
+        self._done_batch.append((update_id, done))
+        if self._done_writer is None or self._done_writer.done():
+            self._done_writer = asyncio.create_task(self._write_done_marks(), name="done-marks")
+        await done
+
+    async def _write_done_marks(self) -> None:
+        while self._done_batch:
+            batch, self._done_batch = self._done_batch, []
+            try:
+                await self._persist(self.inbox.mark_done, [update_id for update_id, _ in batch])
+            except Exception as exc:
+                for _, done in batch:
+                    done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    done.set_result(None)
 
     async def _apologise(self, update: Update) -> None:
         chat = update.effective_chat
@@ -626,6 +703,15 @@ class BotRunner:
                 "dead": self.stats.dead, "backlog": self.stats.backlog, "last_error": self.stats.last_error,
                 "uptime_s": round(time.time() - self.stats.started, 1),
                 "cache": self.girls.cache_stats(), "pool": self.db.stats()}
+
+
+def _chat_key(update: Update) -> int:
+    """Updates of one chat are handled in order; an update with no chat stands alone."""
+    if update.effective_chat is not None:
+        return update.effective_chat.id
+    if update.effective_user is not None:
+        return update.effective_user.id
+    return -update.update_id
 
 
 class Backoff:
@@ -668,11 +754,13 @@ def _import_http_stack() -> None:
 _import_http_stack()
 
 
-def build_application(bot_config: BotConfig, api_url: str) -> Application:
+def build_application(bot_config: BotConfig, telegram: TelegramConfig) -> Application:
+    api_url = telegram.api_url
     file_url = api_url[:-3] + "file/bot" if api_url.endswith("/bot") else api_url
+    limiter = AIORateLimiter(overall_max_rate=telegram.max_rate, max_retries=3)
     return (ApplicationBuilder().token(bot_config.token).base_url(api_url).base_file_url(file_url)
-            .rate_limiter(AIORateLimiter(max_retries=3)).updater(None)
-            .request(_http(64)).get_updates_request(_http(1))
+            .rate_limiter(limiter).updater(None)
+            .request(_http(8)).get_updates_request(_http(1))
             .build())
 
 

@@ -49,6 +49,7 @@ class DatabaseConfig:
 @dataclass(frozen=True)
 class TelegramConfig:
     api_url: str = DEFAULT_API_URL
+    max_rate: float = 30.0          # messages/s a bot sends in all (Telegram's flood limit); 0: no limit
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "url": str, "pool_min": int, "pool_max": int, "max_connections": int,
         "connect_timeout": _NUMBER, "checkout_timeout": _NUMBER,
     },
-    "telegram": {"api_url": str},
+    "telegram": {"api_url": str, "max_rate": _NUMBER},
     "supervisor": {
         "socket": str, "stop_timeout": _NUMBER, "heartbeat_interval": _NUMBER,
         "heartbeat_timeout": _NUMBER, "start_timeout": _NUMBER, "backoff_initial": _NUMBER,
@@ -213,7 +214,9 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
         sections[name] = check.table(name, value, f"{name}.")
 
     database = _database(check, sections["database"], env)
-    telegram = TelegramConfig(api_url=env.get("TELEGRAM_API_URL") or sections["telegram"].get("api_url", DEFAULT_API_URL))
+    check.positive(sections["telegram"], "telegram", allow_zero=("max_rate",))
+    telegram = TelegramConfig(api_url=env.get("TELEGRAM_API_URL") or sections["telegram"].get("api_url", DEFAULT_API_URL),
+                              max_rate=sections["telegram"].get("max_rate", TelegramConfig.max_rate))
     if not telegram.api_url.startswith(("http://", "https://")):
         raise check.fail("telegram.api_url", f"expected an http(s) URL, got {telegram.api_url!r}")
     check.positive(sections["supervisor"], "supervisor", allow_zero=("stable_after",))

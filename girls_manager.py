@@ -19,6 +19,8 @@ telegram.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -62,6 +64,24 @@ class RosterError(ValueError):
 
 class ProfileNotFound(RosterError):
     """No such profile (among those this bot presents, for the presenting reads)."""
+
+
+class NotCached(Exception):
+    """A read inside `cache_only()` whose answer is not in the cache."""
+
+
+_CACHE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("dims_roster_cache_only", default=False)
+
+
+@contextlib.contextmanager
+def cache_only():
+    """Reads inside answer from the cache or raise NotCached; they never touch the database,
+    so an event loop can try a read inline before handing it to a thread."""
+    token = _CACHE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CACHE_ONLY.reset(token)
 
 
 class ImportRejected(RosterError):
@@ -552,6 +572,8 @@ class GirlsManager:
         found, value, token = self._cache.lookup(key)
         if found:
             return value
+        if _CACHE_ONLY.get():
+            raise NotCached(key)
         value = load()
         self._cache.store(key, value, token)
         return value

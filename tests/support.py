@@ -75,9 +75,14 @@ class DimsProcess:
         return self.start()
 
     def __exit__(self, *exc) -> None:
+        """A graceful stop (so Telegram's offset is confirmed for the next test), then SIGKILL."""
         if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
         self._log.close()
 
 
