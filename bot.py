@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
+import importlib
 import json
 import logging
 import random
@@ -28,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import certifi
-import psycopg2
 from telegram import BotCommand, InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.constants import MessageLimit
 from telegram.request import HTTPXRequest
@@ -42,7 +43,9 @@ from config import BotConfig, Config, TelegramConfig, install_log_redaction
 from girls_manager import (
     EDITABLE_FIELDS, GirlsManager, NotCached, Page, Profile, ProfileNotFound, RosterError, cache_only,
 )
-from multiprocess_connection_manager import ConnectionManager, DatabaseError, DatabaseIntegrationManager
+from multiprocess_connection_manager import (
+    ConnectionManager, DatabaseError, DatabaseIntegrationManager, is_database_outage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +68,6 @@ ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
 
 
 # --------------------------------------------------------------------------- the inbox
-
-
-def is_database_outage(exc: BaseException) -> bool:
-    """True for errors that mean 'the database is unreachable', as opposed to a bug."""
-    return isinstance(exc, (DatabaseError, psycopg2.OperationalError, psycopg2.InterfaceError))
 
 
 class Inbox:
@@ -747,8 +745,11 @@ def _http(pool_size: int) -> HTTPXRequest:
 
 def _import_http_stack() -> None:
     """The first HTTP client a process builds imports httpcore's backends (h11, anyio, trio
-    when installed: about 130 ms). Doing it at import lets the forkserver pay that once."""
+    when installed: about 130 ms), and its first connection anyio's asyncio backend (20 ms).
+    Doing both at import lets the supervisor's forkserver pay once for every bot."""
     _http(1)
+    with contextlib.suppress(ImportError):
+        importlib.import_module("anyio._backends._asyncio")
 
 
 _import_http_stack()
@@ -808,3 +809,8 @@ async def _serve(runner: BotRunner, signals: tuple[int, ...], on_serving, on_rea
     if on_serving:
         on_serving(runner, stop)
     return await runner.serve(stop, on_ready)
+
+
+# Bot processes are forked from a forkserver that imported this module: freezing what is
+# loaded now keeps their garbage collectors from touching (and so copying) the shared pages.
+gc.freeze()

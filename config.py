@@ -108,6 +108,25 @@ class Config:
         return [s for s in found if s]
 
 
+CLI_RESERVED_CONNECTIONS = 3   # kept free for the supervisor's database agent and operator commands
+
+
+def pool_max_for(db: DatabaseConfig, processes: int) -> int:
+    """Per-process pool size under the connection budget.
+
+    Each bot process holds its pool plus one listener connection; `CLI_RESERVED_CONNECTIONS`
+    stay free for the supervisor and operator commands. So with N bot processes the pool is
+    min(pool_max, (max_connections - reserved) // N - 1), and at least 1.
+    """
+    share = (db.max_connections - CLI_RESERVED_CONNECTIONS) // max(1, processes) - 1
+    if share < 1:
+        raise ConfigError(
+            f"database.max_connections = {db.max_connections} is too small for {processes} bot "
+            f"processes: each needs at least 2 connections and {CLI_RESERVED_CONNECTIONS} stay "
+            f"reserved (raise it to {2 * processes + CLI_RESERVED_CONNECTIONS} or more)")
+    return min(db.pool_max, share)
+
+
 # --------------------------------------------------------------------------- validation
 
 # Allowed keys per table, with the Python type each must have. One table drives checking.

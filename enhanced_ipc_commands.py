@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
 from config import Config, ConfigError, install_log_redaction, load_config
+from control import read_authkey, request
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_SUPERVISOR = 0, 1, 2, 3
 
@@ -145,7 +146,6 @@ class EnhancedIPCCommands:
 
     def _supervisor(self, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         """One request to the running supervisor; CommandError(3) when none answers."""
-        from supervisor import read_authkey, request
         path = self.config.socket_path
         key = read_authkey(self.config.data_dir)
         if not path.exists() or key is None:

@@ -34,13 +34,12 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
-from config import Config, ConfigError, DatabaseConfig, redact
+from config import Config, redact
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIGRATION_LOCK_KEY = 0x44494D53_4D494752  # "DIMSMIGR": the advisory lock for migrators
-CLI_RESERVED_CONNECTIONS = 3              # kept free for operator commands and the supervisor
 
 
 # --------------------------------------------------------------------------- errors and DSNs
@@ -56,6 +55,11 @@ class PoolTimeout(DatabaseError):
 
 class MigrationError(DatabaseError):
     """Migrations cannot run: drift, a broken file, or a failing statement."""
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """True for errors that mean 'the database is unreachable', as opposed to a bug."""
+    return isinstance(exc, (DatabaseError, psycopg2.OperationalError, psycopg2.InterfaceError))
 
 
 def dsn_params(dsn: str) -> dict[str, str]:
@@ -365,22 +369,6 @@ class ConnectionManager:
                 with contextlib.suppress(Exception):
                     conn.close()
             self._cond.notify_all()
-
-
-def pool_max_for(db: DatabaseConfig, processes: int) -> int:
-    """Per-process pool size under the connection budget.
-
-    Each bot process holds its pool plus one listener connection; `CLI_RESERVED_CONNECTIONS`
-    stay free for the supervisor and operator commands. So with N bot processes the pool is
-    min(pool_max, (max_connections - reserved) // N - 1), and at least 1.
-    """
-    share = (db.max_connections - CLI_RESERVED_CONNECTIONS) // max(1, processes) - 1
-    if share < 1:
-        raise ConfigError(
-            f"database.max_connections = {db.max_connections} is too small for {processes} bot "
-            f"processes: each needs at least 2 connections and {CLI_RESERVED_CONNECTIONS} stay "
-            f"reserved (raise it to {2 * processes + CLI_RESERVED_CONNECTIONS} or more)")
-    return min(db.pool_max, share)
 
 
 # --------------------------------------------------------------------------- migrations

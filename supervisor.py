@@ -14,8 +14,8 @@ the supervisor. Imports: `bot` (run in the children), the connection manager, `c
 
 from __future__ import annotations
 
-import ctypes
 import enum
+import itertools
 import json
 import logging
 import multiprocessing
@@ -23,7 +23,6 @@ import multiprocessing.connection as mpc
 import os
 import queue
 import random
-import secrets
 import signal
 import socket
 import threading
@@ -33,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from config import BotConfig, Config, load_config
-from multiprocess_connection_manager import DatabaseError, DatabaseIntegrationManager, pool_max_for
+from config import BotConfig, Config, install_log_redaction, load_config, pool_max_for
+from control import make_authkey, request
 
 log = logging.getLogger("dims.supervisor")
 
@@ -81,6 +80,10 @@ class Kind(str, enum.Enum):
     STOP = "stop"              # parent -> child: stop gracefully
     STATS = "stats"            # parent -> child: reply with fresh stats
     PING = "ping"              # parent -> child: reply at once
+    FAILED = "failed"          # database agent -> parent: could not start (body: reason)
+    EVENT = "event"            # parent -> database agent: a row for dims_events
+    DESIRED = "desired"        # parent -> database agent: reply with the bots' desired states
+    SAVE = "save"              # parent -> database agent: record one bot's desired state
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class Message:
 def _die_with_parent() -> None:
     """Linux: SIGKILL this process when its parent (the forkserver) dies."""
     try:
+        import ctypes  # here, not at the top: only child processes need it
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -179,36 +183,6 @@ def child_main(bot_config: BotConfig, config: Config, conn: mpc.Connection, pool
 
 
 # --------------------------------------------------------------------------- the control socket
-
-
-def read_authkey(data_dir: Path) -> bytes | None:
-    try:
-        return (data_dir / "dims.key").read_bytes().strip()
-    except OSError:
-        return None
-
-
-def _make_authkey(data_dir: Path) -> bytes:
-    path = data_dir / "dims.key"
-    key = read_authkey(data_dir)
-    if key:
-        return key
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(32))
-    return read_authkey(data_dir)
-
-
-def request(socket_path: Path, authkey: bytes, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    """One request to a supervisor's control socket. Raises OSError when nobody answers."""
-    conn = mpc.Client(str(socket_path), family="AF_UNIX", authkey=authkey)
-    try:
-        conn.send_bytes(json.dumps(payload).encode())
-        if not conn.poll(timeout):
-            raise TimeoutError(f"the supervisor did not answer within {timeout:g} s")
-        return json.loads(conn.recv_bytes())
-    finally:
-        conn.close()
 
 
 class ControlServer:
@@ -293,45 +267,190 @@ def _shutdown_socket(sock: socket.socket) -> None:
         pass
 
 
-# --------------------------------------------------------------------------- the event log
+# --------------------------------------------------------------------------- the database agent
 
 
-class EventLog:
-    """Writes supervisor events to dims_events from a thread, so the loop never waits on the
-    database; while it is down, events wait in a bounded queue."""
+def database_agent_main(config: Config, conn: mpc.Connection, log_level: str) -> None:
+    """The supervisor's database process: migrations at start, the bots' desired states and the
+    event log, so the supervisor itself never loads psycopg2. It always ends the process."""
+    code = 1
+    try:
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logging.basicConfig(level=log_level, format="%(asctime)s database agent: %(levelname)s %(name)s: %(message)s",
+                            force=True)
+        install_log_redaction(config.secrets())
+        from multiprocess_connection_manager import DatabaseError, DatabaseIntegrationManager
+        manager = DatabaseIntegrationManager(config, role="supervisor", pool_max=1)
+        try:
+            db = manager.initialize_database_coordination(migrate=True)
+        except DatabaseError as exc:
+            conn.send_bytes(Message(Kind.FAILED, {"reason": str(exc)}).encode())
+            return
+        conn.send_bytes(Message(Kind.READY).encode())
+        _serve_database_requests(db, conn)
+        manager.shutdown()
+        code = 0
+    except BaseException:  # reported, then the process ends with status 1
+        logging.getLogger("dims.agent").exception("the database agent failed")
+    finally:
+        logging.shutdown()
+        os._exit(code)
 
-    def __init__(self, db):
-        self.db = db
+
+def _serve_database_requests(db, conn: mpc.Connection) -> None:
+    """Answer the supervisor until it stops us or goes away; wait out database outages."""
+    from multiprocess_connection_manager import is_database_outage
+    while True:
+        try:
+            message = Message.decode(conn.recv_bytes())
+        except EOFError:
+            return
+        if message.kind is Kind.STOP:
+            return
+        for attempt in itertools.count():
+            try:
+                reply = _DATABASE_REQUESTS[message.kind](db, message.body)
+                break
+            except Exception as exc:
+                if not is_database_outage(exc):
+                    raise
+                log.warning("database unavailable (%s); retrying", exc)
+                time.sleep(min(5.0, 0.1 * 2 ** attempt))
+        if reply is not None:
+            conn.send_bytes(Message(Kind.REPLY, reply, message.id).encode())
+
+
+def _write_event(db, row: dict[str, Any]) -> None:
+    db.execute("INSERT INTO dims_events (bot, kind, state_from, state_to, pid, message, detail) "
+               "VALUES (%(bot)s, %(kind)s, %(state_from)s, %(state_to)s, %(pid)s, %(message)s, %(detail)s::jsonb)",
+               {**row, "detail": json.dumps(row["detail"])})
+
+
+def _desired_states(db, body: dict[str, Any]) -> dict[str, Any]:
+    """Each named bot's desired state (a bot seen for the first time is recorded as running)."""
+    with db.transaction() as tx:
+        for name in body["names"]:
+            tx.execute("INSERT INTO dims_bots (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
+        rows = tx.fetchall("SELECT name, desired_state FROM dims_bots WHERE name = ANY(%s)", (body["names"],))
+    return {"states": dict(rows)}
+
+
+def _save_desired_state(db, body: dict[str, Any]) -> None:
+    db.execute("INSERT INTO dims_bots (name, desired_state) VALUES (%(name)s, %(state)s) ON CONFLICT (name) "
+               "DO UPDATE SET desired_state = EXCLUDED.desired_state, updated_at = now()", body)
+
+
+_DATABASE_REQUESTS: dict[Kind, Callable[[Any, dict[str, Any]], Any]] = {
+    Kind.EVENT: _write_event, Kind.DESIRED: _desired_states, Kind.SAVE: _save_desired_state,
+}
+
+
+class SupervisorError(RuntimeError):
+    """The supervisor cannot run; the message says why."""
+
+
+class DatabaseAgent:
+    """The supervisor's side of the database agent. Events and desired-state changes go out
+    from one sender thread through a bounded queue, so the supervisor loop never waits on the
+    database; an agent that died is started again and what was queued is sent to the new one."""
+
+    def __init__(self, ctx, config: Config, log_level: str, start_timeout: float):
+        self._ctx, self._config, self._log_level = ctx, config, log_level
+        self._start_timeout = start_timeout
         self._queue: queue.Queue = queue.Queue(maxsize=10000)
-        self._thread = threading.Thread(target=self._write_loop, name="event-log", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()          # one writer on the pipe at a time
+        self._ids = itertools.count(1)
+        self._conn: mpc.Connection | None = None
+        self._process = None
+        self._sender: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the agent and wait until migrations are applied; SupervisorError if it can't."""
+        self._spawn()
+        self._sender = threading.Thread(target=self._send_loop, name="database-agent", daemon=True)
+        self._sender.start()
+
+    def _spawn(self) -> None:
+        parent_end, child_end = self._ctx.Pipe(duplex=True)
+        self._process = self._ctx.Process(target=database_agent_main, name="dims-database",
+                                          args=(self._config, child_end, self._log_level))
+        self._process.start()
+        child_end.close()
+        self._conn = parent_end
+        if not parent_end.poll(self._start_timeout):
+            self._process.kill()
+            raise SupervisorError(f"the database was not ready within {self._start_timeout:g} s")
+        try:
+            message = Message.decode(parent_end.recv_bytes())
+        except EOFError:
+            raise SupervisorError(f"the database agent died while starting ({describe_exit(self._process.exitcode)})") from None
+        if message.kind is Kind.FAILED:
+            raise SupervisorError(f"cannot start: {message.body.get('reason')}")
+
+    def desired_states(self, names: list[str], timeout: float) -> dict[str, str] | None:
+        """The bots' desired states from the database, or None if no answer came in time."""
+        if not names:
+            return {}
+        with self._lock:
+            query = Message(Kind.DESIRED, {"names": names}, next(self._ids))
+            try:
+                self._conn.send_bytes(query.encode())
+                while self._conn.poll(timeout):
+                    reply = Message.decode(self._conn.recv_bytes())
+                    if reply.id == query.id:
+                        return reply.body["states"]
+            except (OSError, EOFError):
+                pass
+        return None
 
     def record(self, bot: str | None, kind: str, message: str = "", *, state_from: State | None = None,
                state_to: State | None = None, pid: int | None = None, **detail: Any) -> None:
-        row = (bot, kind, state_from.value if state_from else None, state_to.value if state_to else None,
-               pid, message, json.dumps(detail, default=str))
+        """Queue a row for the event log (dims_events)."""
+        self._put(Message(Kind.EVENT, {"bot": bot, "kind": kind, "message": message, "pid": pid,
+                                       "state_from": state_from.value if state_from else None,
+                                       "state_to": state_to.value if state_to else None, "detail": detail}))
+
+    def save_desired(self, name: str, running: bool) -> None:
+        self._put(Message(Kind.SAVE, {"name": name, "state": "running" if running else "stopped"}))
+
+    def _put(self, message: Message) -> None:
         try:
-            self._queue.put_nowait(row)
+            self._queue.put_nowait(message)
         except queue.Full:
-            log.warning("event log queue full: dropped %s %s", bot, kind)
+            log.warning("database agent queue full: dropped a %s message", message.kind.value)
+
+    def _send_loop(self) -> None:
+        while True:
+            message = self._queue.get()
+            if message is None:
+                return
+            while not self._deliver(message):
+                try:
+                    log.warning("the database agent is gone; starting it again")
+                    self._spawn()
+                except SupervisorError as exc:
+                    log.error("%s; retrying in 5 s", exc)
+                    time.sleep(5)
+
+    def _deliver(self, message: Message) -> bool:
+        with self._lock:
+            try:
+                self._conn.send_bytes(message.encode())
+                return True
+            except (OSError, ValueError):
+                return False
 
     def close(self, timeout: float = 5.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    def _write_loop(self) -> None:
-        while True:
-            row = self._queue.get()
-            if row is None:
-                return
-            while True:
-                try:
-                    self.db.execute("INSERT INTO dims_events (bot, kind, state_from, state_to, pid, message, detail) "
-                                    "VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb)", row)
-                    break
-                except Exception as exc:  # the database is down: wait, keep the row
-                    log.warning("event log: database unavailable (%s); retrying", exc)
-                    time.sleep(2)
+        """Send what is queued, then stop the agent."""
+        if self._sender is not None:
+            self._queue.put(None)
+            self._sender.join(timeout)
+        if self._process is not None:
+            self._deliver(Message(Kind.STOP))
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
 
 
 # --------------------------------------------------------------------------- the supervisor
@@ -409,8 +528,7 @@ class ProcessSupervisor:
         self._shutting_down = False
         self.started_at = time.time()
         self.control: ControlServer | None = None
-        self.database: DatabaseIntegrationManager | None = None
-        self.events: EventLog | None = None
+        self.events: DatabaseAgent | None = None
 
     # -- the state machine
 
@@ -699,11 +817,14 @@ class ProcessSupervisor:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         try:
-            self._start_database()
-            self._ctx.get_start_method()
+            try:
+                self._start_database()
+            except SupervisorError as exc:
+                log.error("%s", exc)
+                return 1
             for bot_config in self.config.bots:
                 self.children[bot_config.name] = Child(bot_config)
-            self._load_desired_states(list(self.children))
+            self._load_desired_states(list(self.children), self.settings.start_timeout)
             log.info("supervisor %d: %d bots, control socket %s", os.getpid(), len(self.children),
                      self.config.socket_path)
             for child in self.children.values():
@@ -720,7 +841,7 @@ class ProcessSupervisor:
     def _claim_socket(self) -> None:
         path = self.config.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        key = _make_authkey(self.config.data_dir)
+        key = make_authkey(self.config.data_dir)
         if path.exists():
             try:
                 answer = request(path, key, {"command": "ping"}, timeout=3)
@@ -732,28 +853,23 @@ class ProcessSupervisor:
         self.control = ControlServer(path, key, self._wake)
 
     def _start_database(self) -> None:
-        self.database = DatabaseIntegrationManager(self.config, role="supervisor", pool_max=2)
-        db = self.database.initialize_database_coordination(migrate=True)
-        self.events = EventLog(db)
+        """The database agent: migrations are applied before any bot starts."""
+        self.events = DatabaseAgent(self._ctx, self.config, self.log_level, self.settings.start_timeout)
+        self.events.start()
         self.events.record(None, "supervisor", "started", pid=os.getpid())
 
-    def _load_desired_states(self, names: list[str]) -> None:
-        """Each bot's desired state from dims_bots (new bots are recorded as wanted running)."""
-        with self.database.db.transaction() as tx:
-            for name in names:
-                tx.execute("INSERT INTO dims_bots (name) VALUES (%s) ON CONFLICT (name) DO NOTHING", (name,))
-            rows = tx.fetchall("SELECT name, desired_state FROM dims_bots WHERE name = ANY(%s)", (names,))
-        for name, desired in rows:
+    def _load_desired_states(self, names: list[str], timeout: float) -> None:
+        """Each bot's desired state from dims_bots; without an answer in time, 'running'."""
+        states = self.events.desired_states(names, timeout)
+        if states is None:
+            log.warning("the database did not say within %g s which bots operators stopped; starting %s",
+                        timeout, ", ".join(names))
+            return
+        for name, desired in states.items():
             self.children[name].wanted = desired == "running"
 
     def _save_desired_state(self, child: Child) -> None:
-        try:
-            self.database.db.execute(
-                "INSERT INTO dims_bots (name, desired_state) VALUES (%s, %s) ON CONFLICT (name) "
-                "DO UPDATE SET desired_state = EXCLUDED.desired_state, updated_at = now()",
-                (child.name, "running" if child.wanted else "stopped"))
-        except (DatabaseError, Exception) as exc:
-            log.warning("bot %s: could not save the desired state: %s", child.name, exc)
+        self.events.save_desired(child.name, child.wanted)
 
     def _close(self) -> None:
         for child in self.children.values():
@@ -764,8 +880,6 @@ class ProcessSupervisor:
         if self.events is not None:
             self.events.record(None, "supervisor", "stopped", pid=os.getpid())
             self.events.close()
-        if self.database is not None:
-            self.database.shutdown()
 
     # -- reload
 
@@ -794,7 +908,7 @@ class ProcessSupervisor:
                 self.start_bot(child)   # e.g. a rejected token was replaced
         for name in added:
             self.children[name] = Child(new[name])
-        self._load_desired_states(added)
+        self._load_desired_states(added, timeout=2.0)
         for name in added:
             if self.children[name].wanted:
                 self.start_bot(self.children[name])

@@ -18,7 +18,7 @@ from girls_manager import GirlsManager
 from multiprocess_connection_manager import ConnectionManager, EmbeddedPostgres, Migrator
 from telegram_sandbox import Sandbox
 from tests.conftest import ROOT, reachable_tempdir
-from tests.support import ADMIN, TOKENS, USER, Chat, DimsProcess, button_data, buttons, dims_env, write_config
+from tests.support import ADMIN, TOKENS, Chat, DimsProcess, buttons, dims_env, write_config
 
 TOKEN = TOKENS["alpha"]
 NAMES = ["Alice", "Bella", "Chloe", "Daria", "Eva", "Freya", "Greta", "Hanna", "Irina", "Julia", "Katya"]

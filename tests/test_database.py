@@ -13,10 +13,10 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from config import load_config
+from config import load_config, pool_max_for
 from multiprocess_connection_manager import (
     ConnectionManager, DatabaseError, DatabaseIntegrationManager, EmbeddedPostgres, MigrationError,
-    Migrator, PoolTimeout, discover_migrations, pool_max_for,
+    Migrator, PoolTimeout, discover_migrations,
 )
 from tests.conftest import reachable_tempdir
 

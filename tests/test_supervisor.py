@@ -3,7 +3,6 @@ its own death, reload, and the control socket. The sandbox plays Telegram."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing.connection as mpc
 import os
 import select
@@ -19,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from multiprocess_connection_manager import ConnectionManager
-from supervisor import ALLOWED_MOVES, State, read_authkey, request
+from control import read_authkey, request
+from supervisor import ALLOWED_MOVES, State
 from telegram_sandbox import Sandbox
 from tests.conftest import ROOT
 from tests.support import TOKENS, Chat, DimsProcess, dims_env, write_config
