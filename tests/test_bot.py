@@ -306,3 +306,71 @@ def test_inbox_stores_a_redelivery_once_and_a_reused_update_id_as_new(db):
     assert inbox.mark_failed(5, "boom") is False and inbox.mark_failed(5, "boom") is False
     assert inbox.mark_failed(5, "boom") is True
     assert inbox.counts() == {"backlog": 0, "dead": 1}
+
+
+# --------------------------------------------------------------------------- Telegram failures
+
+
+def test_a_handler_that_keeps_failing_is_parked_as_dead_and_the_user_is_told(running_bot, sandbox, roster_db):
+    from bot import MAX_ATTEMPTS
+    chat = Chat(sandbox, TOKEN, user_id=8008)
+    sandbox.fault(TOKEN, "sendMessage", status=400, times=MAX_ATTEMPTS, description="Bad Request: injected fault")
+    assert "could not handle that message" in chat.say("/start", timeout=30)["text"]
+    status, attempts, error = roster_db.db.fetchone(
+        "SELECT status, attempts, error FROM dims_inbox WHERE payload->'message'->'from'->>'id' = '8008'")
+    assert (status, attempts) == ("dead", MAX_ATTEMPTS) and "Injected fault" in error
+    assert "Alpha" in chat.say("/start")["text"]
+
+
+def test_rate_limits_and_server_errors_on_polling_are_waited_out(running_bot, sandbox):
+    chat = Chat(sandbox, TOKEN, user_id=8009)
+    sandbox.fault(TOKEN, "getUpdates", status=429, retry_after=1, times=1)
+    sandbox.fault(TOKEN, "getUpdates", status=502, times=2)
+    assert "Alpha" in chat.say("/start")["text"]      # delivered by the poll already waiting
+    assert "What you can do here" in chat.say("/help", timeout=30)["text"]   # after the faults
+    statuses = [call["status"] for call in sandbox.calls(TOKEN, "getUpdates")]
+    assert 429 in statuses and statuses.count(502) >= 2
+    assert "Telegram asks to wait 1" in running_bot.log()
+
+
+def test_another_poller_on_the_token_is_reported_and_the_bot_carries_on(running_bot, sandbox):
+    import urllib.error
+    import urllib.request
+    reported = "another process is polling this bot's token (409 Conflict)"
+    deadline = time.monotonic() + 30
+    while reported not in running_bot.log() and time.monotonic() < deadline:
+        if sandbox.health()["waiting"]["getUpdates"] == 1:   # the bot's long poll is waiting
+            try:   # a newer poller: Telegram ends the bot's poll with 409 ...
+                with urllib.request.urlopen(f"{sandbox.api_url}{TOKEN}/getUpdates?timeout=1", timeout=10) as answer:
+                    answer.read()
+            except urllib.error.HTTPError as exc:   # ... and the bot's next poll ends ours
+                assert exc.code == 409
+        else:
+            sandbox.messages(TOKEN, 1, wait=0.05)  # a short pause that is also a request
+    assert reported in running_bot.log()
+    assert "Alpha" in Chat(sandbox, TOKEN, user_id=8010).say("/start", timeout=30)["text"]
+
+
+def test_a_rejected_token_ends_single_mode_with_status_78(tmp_path, database_url, sandbox):
+    token = "7000010:AAFakeTokenForTestsOnly_revoked11111"
+    sandbox.revoke(token)
+    config = write_config(tmp_path / "dims.toml")
+    env = {**dims_env(database_url, sandbox.api_url, tmp_path / "var"), "ALPHA_TOKEN": token}
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "--single", "--config", str(config)],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78
+    assert "Telegram rejected this bot's token" in result.stderr
+    assert token.split(":")[1] not in result.stdout + result.stderr
+
+
+def test_done_updates_are_pruned_after_the_retention_period(db):
+    from bot import Inbox
+    Migrator(db).migrate()
+    inbox = Inbox(db, "alpha", 7000001)
+    inbox.store([{"update_id": n, "message": {"text": str(n)}} for n in (1, 2, 3, 4)])
+    inbox.mark_done([1, 2, 3])
+    db.execute("UPDATE dims_inbox SET done_at = now() - interval '4 days' WHERE update_id IN (1, 2)")
+    for _ in range(3):
+        inbox.mark_failed(4, "boom")
+    assert inbox.prune(older_than_s=3 * 24 * 3600) == 2
+    assert db.fetchall("SELECT update_id, status FROM dims_inbox ORDER BY update_id") == [(3, "done"), (4, "dead")]

@@ -3,6 +3,7 @@ its own death, reload, and the control socket. The sandbox plays Telegram."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing.connection as mpc
 import os
 import select
@@ -195,6 +196,12 @@ def test_rejected_token_is_fatal_at_once_without_restarts_and_other_bots_untouch
     assert fleet.row("gamma")["restarts"] == 0
     assert fleet.row("alpha")["pid"] == alpha_pid and fleet.row("alpha")["state"] == "RUNNING"
     assert token not in fleet.process.log() and token.split(":")[1] not in fleet.process.log()
+    health = subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), "system_health", "--json"],
+                            env=fleet.env, capture_output=True, text=True, timeout=60)
+    report = json.loads(health.stdout)
+    assert health.returncode == 1 and report["status"] == "degraded"
+    assert [b["status"] for b in report["bots"]] == ["ok", "down"]
+    assert any("bot gamma: FATAL" in problem for problem in report["problems"])
 
 
 def test_hung_bot_is_killed_by_the_watchdog_and_restarted(make_fleet, sandbox):
