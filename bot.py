@@ -222,23 +222,23 @@ class Handlers:
             return await asyncio.to_thread(method, *args)
 
     def install(self, app: Application) -> None:
-        for name, _ in USER_COMMANDS:
-            app.add_handler(CommandHandler(name, getattr(self, f"cmd_{name}")))
-        for name, _ in ADMIN_COMMANDS:
-            app.add_handler(CommandHandler(name, self._admin_only(name, getattr(self, f"cmd_{name}"))))
+        """One CommandHandler for every command (one parse per message), then buttons, then
+        everything else; user bookkeeping runs for every update in a later group."""
+        self._commands = {name: getattr(self, f"cmd_{name}") for name, _ in USER_COMMANDS + ADMIN_COMMANDS}
+        self._admin_commands = {name for name, _ in ADMIN_COMMANDS}
+        app.add_handler(CommandHandler(list(self._commands), self.on_command))
         app.add_handler(CallbackQueryHandler(self.on_button))
         app.add_handler(MessageHandler(filters.COMMAND, self.unknown_command))
         app.add_handler(MessageHandler(filters.ALL & ~filters.UpdateType.EDITED, self.plain_message))
         app.add_handler(TypeHandler(Update, self.touch), group=1)
 
-    def _admin_only(self, name: str, callback):
-        async def guarded(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-            if not self.is_admin(update):
-                await update.effective_message.reply_text(
-                    f"Sorry, /{name} is for this bot's admins only. Send /help to see what you can do.")
-                return
-            await callback(update, context)
-        return guarded
+    async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        name = update.effective_message.text.split(None, 1)[0][1:].split("@", 1)[0].lower()
+        if name in self._admin_commands and not self.is_admin(update):
+            await update.effective_message.reply_text(
+                f"Sorry, /{name} is for this bot's admins only. Send /help to see what you can do.")
+            return
+        await self._commands[name](update, context)
 
     async def touch(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """First/last seen bookkeeping, written at most once a minute per user."""
