@@ -57,6 +57,8 @@ import psycopg2.extensions  # noqa: E402
 from multiprocess_connection_manager import DatabaseError, EmbeddedPostgres  # noqa: E402
 from telegram_sandbox import SandboxProcess  # noqa: E402
 
+import _http  # noqa: E402 (beside this file)
+
 # Fake tokens with 7-digit bot ids, so nothing mistakes them for real ones.
 ECHO_TOKEN = "7100002:AAFakeBenchToken_echo000000000000000"
 DIMS_TOKEN = "7100001:AAFakeBenchToken_dims000000000000000"
@@ -136,38 +138,17 @@ class BotProcess:
 # --------------------------------------------------------------------------- load generator
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection to the sandbox; JSON answers."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
+class Connection(_http.Connection):
+    """A keep-alive connection to the sandbox whose requests have a deadline."""
 
     async def request(self, method: str, path: str, body: bytes = b"",
                       timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, dict]:
         """(status, JSON body); BenchError when the sandbox does not answer within `timeout`."""
         try:
-            return await asyncio.wait_for(self._exchange(method, path, body), timeout)
+            return await asyncio.wait_for(super().request(method, path, body), timeout)
         except asyncio.TimeoutError:
             raise BenchError(f"the sandbox did not answer {method} {path.split('?')[0]} "
                              f"within {timeout:g} s") from None
-
-    async def _exchange(self, method: str, path: str, body: bytes) -> tuple[int, dict]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-        self.writer.write(head.encode() + body)
-        status_line = await self.reader.readuntil(b"\r\n")
-        headers = await self.reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in headers.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
-        return int(status_line.split()[1]), json.loads(await self.reader.readexactly(length))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 async def send_and_wait(connection: Connection, bot: BotProcess, token: str, user: int,

@@ -28,6 +28,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _http import Connection  # noqa: E402 (beside this file)
 from telegram_sandbox import SandboxProcess  # noqa: E402 (needs the repository on sys.path)
 
 FLEET_MESSAGES_PER_S = 200
@@ -35,32 +36,6 @@ CALLS_PER_MESSAGE = 2
 NEEDED_REQUESTS_PER_S = FLEET_MESSAGES_PER_S * CALLS_PER_MESSAGE
 USERS_PER_BOT = 5
 POLL_TIMEOUT_S = 10
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection that sends a request and reads its JSON answer."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, method: str, path: str, body: bytes = b"",
-                      content_type: str = "application/json") -> tuple[int, dict]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n")
-        self.writer.write(head.encode() + body)
-        status_line = await self.reader.readuntil(b"\r\n")
-        headers = await self.reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in headers.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
-        return int(status_line.split()[1]), json.loads(await self.reader.readexactly(length))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 class Load:
