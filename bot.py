@@ -78,20 +78,21 @@ class Inbox:
         self.bot_name = bot_name
         self.bot_id = bot_id
 
-    def store(self, updates: list[dict[str, Any]]) -> int:
-        """Store a fetched batch in one transaction; returns how many are new.
+    def store(self, updates: list[dict[str, Any]]) -> set[int]:
+        """Store a fetched batch in one statement; returns the ids that are new to the inbox.
 
-        A redelivered update (same id, same content) is stored once. The same id with other
-        content is a new update reusing an old id (Telegram restarts ids after a week without
-        updates; a fresh sandbox starts again at 1): it replaces the old, finished row.
+        A redelivered update (same id, same content) is stored once and not returned. The same
+        id with other content is a new update reusing an old id (Telegram restarts ids after a
+        week without updates; a fresh sandbox starts again at 1): it replaces the old row.
         """
-        return self.db.execute(
+        rows = self.db.fetchall(
             "INSERT INTO dims_inbox (bot_id, update_id, bot, payload) "
             "SELECT %s, id, %s, body::jsonb FROM unnest(%s::bigint[], %s::text[]) AS batch(id, body) "
             "ON CONFLICT (bot_id, update_id) DO UPDATE SET payload = EXCLUDED.payload, bot = EXCLUDED.bot, "
             "status = 'pending', attempts = 0, error = NULL, received_at = now(), done_at = NULL "
-            "WHERE dims_inbox.payload <> EXCLUDED.payload",
+            "WHERE dims_inbox.payload <> EXCLUDED.payload RETURNING update_id",
             (self.bot_id, self.bot_name, [p["update_id"] for p in updates], [json.dumps(p) for p in updates]))
+        return {update_id for (update_id,) in rows}
 
     def pending(self, limit: int = 100) -> list[tuple[int, dict[str, Any]]]:
         return self.db.fetchall(
@@ -551,7 +552,7 @@ class BotRunner:
             if not updates:
                 continue
             try:
-                await asyncio.to_thread(self.inbox.store, [u.to_dict() for u in updates])
+                fresh = await asyncio.to_thread(self.inbox.store, [u.to_dict() for u in updates])
             except Exception as exc:
                 if not is_database_outage(exc):
                     raise
@@ -562,7 +563,8 @@ class BotRunner:
                 continue
             self._offset = updates[-1].update_id + 1
             for update in updates:
-                self._schedule(update.update_id, update)
+                if update.update_id in fresh:   # a redelivery was handled (or is queued) already
+                    self._schedule(update.update_id, update)
             if len(updates) < FETCH_LIMIT:
                 await asyncio.sleep(FETCH_LINGER_S)   # under load, let the next batch fill a little
 

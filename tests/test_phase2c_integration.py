@@ -53,7 +53,7 @@ def test_two_bots_answer_are_operated_from_the_cli_and_stop_cleanly(tmp_path, da
     config = write_config(tmp_path / "dims.toml", {"alpha": {"display_name": "Alpha"}, "beta": {"display_name": "Beta"}})
     with Sandbox() as sandbox:
         env = dims_env(database_url, sandbox.api_url, home)
-        env["DIMS_CONFIG"] = str(config)
+        env.update(DIMS_CONFIG=str(config), TMPDIR=str(home))
         with DimsProcess([], env, tmp_path / "fleet.log") as fleet:
             assert "Alpha" in Chat(sandbox, TOKENS["alpha"]).wait_until_answering()["text"]
             assert "Beta" in Chat(sandbox, TOKENS["beta"]).wait_until_answering()["text"]
@@ -94,7 +94,7 @@ def test_two_bots_answer_are_operated_from_the_cli_and_stop_cleanly(tmp_path, da
 def test_with_nothing_configured_main_runs_the_demo(tmp_path, database_url):
     home = Path(tempfile.mkdtemp(prefix="dims-demo-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DIMS_", "BOT_TOKEN", "TELEGRAM_API_URL"))}
-    env.update(DATABASE_URL=database_url, DIMS_DATA_DIR=str(home), PYTHONUNBUFFERED="1")
+    env.update(DATABASE_URL=database_url, DIMS_DATA_DIR=str(home), PYTHONUNBUFFERED="1", TMPDIR=str(home))
     process = subprocess.Popen([sys.executable, str(ROOT / "main.py")], env=env, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()

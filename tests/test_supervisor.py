@@ -52,6 +52,7 @@ class Fleet:
         self.home = Path(tempfile.mkdtemp(prefix="dims-sv-"))   # short: AF_UNIX paths are limited
         self.config = write_config(tmp_path / "dims.toml", bots, extra=SUPERVISOR_SETTINGS)
         self.env = dims_env(database_url, sandbox.api_url, self.home)
+        self.env["TMPDIR"] = str(self.home)   # the forkserver's socket directory goes away with it
         self.process = DimsProcess(["--config", str(self.config)], self.env, tmp_path / "fleet.log")
 
     @property
