@@ -82,8 +82,17 @@ class EnhancedIPCCommands:
             return EXIT_FAILED, result
         finally:
             manager.shutdown()
+        result["pools"] = self._bot_pools()
         healthy = not result["migrations"]["drifted"]
         return (EXIT_OK if healthy else EXIT_FAILED), result
+
+    def _bot_pools(self) -> list[dict[str, Any]] | None:
+        """Each running bot's own pool figures, when a supervisor runs (None when none does)."""
+        try:
+            answer = self._supervisor({"command": "stats"}, timeout=5)
+        except CommandError:
+            return None
+        return [{"bot": b["name"], **b["pool"]} for b in answer["bots"] if b.get("pool")]
 
     def db_migrate(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         from multiprocess_connection_manager import DatabaseError, Migrator
@@ -307,6 +316,10 @@ def _show_db_status(result: dict[str, Any]) -> str:
     totals = result["database_connections"]
     lines.append(f"connections: {totals['in_use']} of {totals['server_max']} on the server; DIMS processes:")
     lines.append(format_table(result["connections"], ["process", "total", "active", "idle", "idle_in_transaction"]))
+    if result.get("pools"):
+        lines.append("bot pools (from each bot process):")
+        lines.append(format_table(result["pools"], ["bot", "size", "in_use", "idle", "max", "waits", "timeouts",
+                                                    "replaced"]))
     return "\n".join(lines)
 
 

@@ -76,6 +76,10 @@ def test_two_bots_answer_are_operated_from_the_cli_and_stop_cleanly(tmp_path, da
             assert started.returncode == 0 and "bot beta is RUNNING" in started.stdout
             assert "Beta" in Chat(sandbox, TOKENS["beta"], user_id=77).say("/start")["text"]
 
+            code, status = cli_json("db_status", env=env)
+            assert code == 0 and {p["bot"] for p in status["pools"]} == {"alpha", "beta"}
+            assert {"dims:bot:alpha", "dims:bot:beta"} <= {c["process"] for c in status["connections"]}
+
             code, cache = cli_json("cache_stats", env=env)
             assert code == 0 and {b["name"] for b in cache["bots"]} == {"alpha", "beta"}
             assert cli("bot_start", "gamma", env=env).returncode == 2
