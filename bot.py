@@ -2,8 +2,9 @@
 
 PTB's own updater confirms updates to Telegram before its handlers run, so a killed process
 would lose what it had fetched. This bot fetches updates itself (`getUpdates` long polling),
-stores each batch in the `dims_inbox` table and only then confirms the offset; it processes the
-stored updates in order through the Application and marks each done when its handler finishes.
+stores each batch in the `dims_inbox` table and only then confirms the offset; it hands the
+stored updates to the Application in order within each chat (several chats at a time) and
+marks each done when its handler finishes.
 An update whose handler keeps failing is parked as dead with its error; while the database is
 unreachable the bot stops confirming and backs off, and loses nothing.
 
@@ -420,7 +421,6 @@ class BotStats:
     updates_handled: int = 0
     errors: int = 0
     dead: int = 0
-    backlog: int = 0
     last_error: str | None = None
     started: float = field(default_factory=time.time)
 
@@ -471,7 +471,7 @@ class BotRunner:
             return
         log.error("update %s failed", getattr(update, "update_id", "?"), exc_info=error)
 
-    # -- the two loops
+    # -- serving: fetching, maintenance, shutdown
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[], Awaitable[None] | None] | None = None) -> int:
         """Run until `stop` is set. Returns an exit code."""
@@ -607,7 +607,7 @@ class BotRunner:
                 self._schedule(update_id, Update.de_json(payload, self.app.bot))
 
     async def _maintain(self) -> None:
-        """Every half minute: refresh the inbox figures, pick up strays; prune once an hour."""
+        """Every half minute: count dead updates, pick up strays; prune once an hour."""
         last_prune = -float("inf")
         while not self._stopping.is_set():
             if time.monotonic() - last_prune > PRUNE_EVERY_S:
@@ -615,7 +615,7 @@ class BotRunner:
                 await self._persist(self.inbox.prune)
             counts = await self._persist(self.inbox.counts)
             if counts:
-                self.stats.backlog, self.stats.dead = counts["backlog"], counts["dead"]
+                self.stats.dead = counts["dead"]
             await self._schedule_pending()
             if await self._stopped_within(MAINTAIN_EVERY_S):
                 return
@@ -700,7 +700,7 @@ class BotRunner:
     def snapshot(self) -> dict[str, Any]:
         """Stats for heartbeats and operators."""
         return {"updates_handled": self.stats.updates_handled, "errors": self.stats.errors,
-                "dead": self.stats.dead, "backlog": self.stats.backlog, "last_error": self.stats.last_error,
+                "dead": self.stats.dead, "backlog": len(self._scheduled), "last_error": self.stats.last_error,
                 "uptime_s": round(time.time() - self.stats.started, 1),
                 "cache": self.girls.cache_stats(), "pool": self.db.stats()}
 
