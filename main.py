@@ -14,7 +14,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from config import Config, ConfigError, install_log_redaction, load_config
+from config import Config, ConfigError, install_log_redaction, load_config, pool_max_for
 
 log = logging.getLogger("dims")
 
@@ -60,6 +60,7 @@ class MainIntegrator:
             raise ConfigError("--bot NAME goes with --single")
         if not self.config.bots:
             return Mode("demo", None, "no bot is configured")
+        pool_max_for(self.config.database, len(self.config.bots))  # the connection budget fits
         return Mode("multi", None, "--multi" if self.args.multi else "bots configured")
 
     def run(self) -> int:

@@ -886,6 +886,7 @@ class ProcessSupervisor:
     def reload(self) -> dict[str, Any]:
         try:
             fresh = load_config(self.config.path)
+            pool_max_for(fresh.database, len(fresh.bots))
         except Exception as exc:
             return {"status": "error", "reason": f"configuration not reloaded: {exc}"}
         old = {c.name: c.config for c in self.children.values() if not c.removed}
