@@ -281,3 +281,24 @@ def test_a_second_supervisor_refuses_and_names_the_running_one(make_fleet):
     assert second.returncode == 1
     assert f"another supervisor is running (pid {fleet.process.pid})" in second.stderr
     assert fleet.row("alpha")["state"] == "RUNNING"
+
+
+def test_a_stale_socket_left_by_a_dead_supervisor_is_replaced(make_fleet):
+    fleet = make_fleet({"alpha": {}})
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(fleet.socket))   # a socket file nobody listens on any more
+    stale.close()
+    fleet.start(["alpha"])
+    assert "removing the stale control socket" in fleet.process.log()
+    assert fleet.ctl({"command": "ping"})["pid"] == fleet.process.pid
+
+
+def test_bot_restart_gives_the_bot_a_new_process_and_touches_no_other(make_fleet, sandbox):
+    fleet = make_fleet().start(["alpha", "beta"])
+    before = {name: fleet.row(name)["pid"] for name in ("alpha", "beta")}
+    restarted = subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), "bot_restart", "alpha"],
+                               env=fleet.env, capture_output=True, text=True, timeout=60)
+    assert restarted.returncode == 0 and "bot alpha is RUNNING" in restarted.stdout
+    assert fleet.row("alpha")["pid"] != before["alpha"] and fleet.row("beta")["pid"] == before["beta"]
+    assert "Alpha" in Chat(sandbox, TOKENS["alpha"], user_id=76).say("/start")["text"]
+
