@@ -9,7 +9,7 @@ import pytest
 
 from config import ConfigError, RedactingFilter, install_log_redaction, load_config, redact, redact_url
 
-TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsawq"
+TOKEN = "1234567:AAFakeTokenForConfigTests_0123456789"
 
 
 def write(tmp_path, text):
@@ -97,7 +97,7 @@ def test_redaction_of_urls_tokens_and_log_records():
     assert redact_url("postgresql://u:pw@h:5/db") == "postgresql://u:***@h:5/db"
     assert redact_url("host=h password='p w' user=u") == "host=h password=*** user=u"
     url = f"https://api.telegram.org/bot{TOKEN}/getUpdates"
-    assert TOKEN not in redact(url) and "123456789" in redact(url)
+    assert TOKEN not in redact(url) and "1234567" in redact(url)
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -114,7 +114,7 @@ def test_redaction_of_urls_tokens_and_log_records():
     finally:
         logger.removeHandler(handler)
     text = stream.getvalue()
-    assert TOKEN not in text and "short-secret-pw" not in text and text.count("123456789:***") == 2
+    assert TOKEN not in text and "short-secret-pw" not in text and text.count("1234567:***") == 2
 
 
 def test_install_log_redaction_covers_every_root_handler():
