@@ -961,45 +961,49 @@ class ProcessSupervisor:
                "heartbeat_timeout_s": self.settings.heartbeat_timeout,
                "bots": [self._bot_row(c) for c in self.children.values()]})
 
-    def _cmd_bot_start(self, payload, reply) -> None:
+    def _wanted(self, payload, reply, running: bool) -> Child | None:
+        """The named bot with its desired state set and saved (None: answered with an error)."""
         child = self._named(payload, reply)
-        if child is None:
-            return
-        child.wanted = True
-        self._save_desired_state(child)
-        if child.state in (State.RUNNING,):
-            reply({"status": "ok", "bot": self._bot_row(child), "changed": False})
-            return
-        if child.state in (State.STOPPING,):
+        if child is not None:
+            child.wanted = running
+            self._save_desired_state(child)
+        return child
+
+    def _bring_up(self, child: Child, restart: bool) -> None:
+        if child.state is State.STOPPING:
             child.restart_after_stop = True
+        elif restart and child.state in (State.STARTING, State.RUNNING):
+            self.stop_bot(child, restart=True)
         else:
             self.start_bot(child)
+
+    def _cmd_bot_start(self, payload, reply) -> None:
+        child = self._wanted(payload, reply, running=True)
+        if child is None:
+            return
+        if child.state is State.RUNNING:
+            reply({"status": "ok", "bot": self._bot_row(child), "changed": False})
+            return
+        self._bring_up(child, restart=False)
+        self._wait_for(child, {State.RUNNING}, payload, reply, terminal={State.FATAL})
+
+    def _cmd_bot_restart(self, payload, reply) -> None:
+        child = self._wanted(payload, reply, running=True)
+        if child is None:
+            return
+        self._bring_up(child, restart=True)
         self._wait_for(child, {State.RUNNING}, payload, reply, terminal={State.FATAL})
 
     def _cmd_bot_stop(self, payload, reply) -> None:
-        child = self._named(payload, reply)
+        child = self._wanted(payload, reply, running=False)
         if child is None:
             return
-        child.wanted = False
         child.restart_after_stop = False
-        self._save_desired_state(child)
         if child.state is State.STOPPED:
             reply({"status": "ok", "bot": self._bot_row(child), "changed": False})
             return
         self.stop_bot(child)
         self._wait_for(child, {State.STOPPED}, payload, reply)
-
-    def _cmd_bot_restart(self, payload, reply) -> None:
-        child = self._named(payload, reply)
-        if child is None:
-            return
-        child.wanted = True
-        self._save_desired_state(child)
-        if child.state in (State.STARTING, State.RUNNING):
-            self.stop_bot(child, restart=True)
-        else:
-            self.start_bot(child)
-        self._wait_for(child, {State.RUNNING}, payload, reply, terminal={State.FATAL})
 
     def _cmd_wait(self, payload, reply) -> None:
         """Answer when the bot is in one of payload["states"] (or after payload["timeout"])."""
