@@ -194,8 +194,9 @@ class ConnectionManager:
 
     `with db.transaction() as tx:` checks a connection out (waiting up to `checkout_timeout`
     for a free one), commits when the block ends and rolls back when it raises. The one-shot
-    helpers `execute`, `fetchall`, `fetchone`, `fetchval` and `fetchdicts` each run in their own
-    transaction. Connections are opened lazily, in the process that uses them.
+    helpers `execute`, `fetchall`, `fetchone`, `fetchval` and `fetchdicts` each run one query
+    string as its own transaction (several statements in one string share it). Connections
+    are opened lazily, in the process that uses them.
     """
 
     def __init__(self, dsn: str, *, role: str = "main", minconn: int = 0, maxconn: int = 4,
@@ -324,24 +325,37 @@ class ConnectionManager:
         finally:
             self._return(conn)
 
+    @contextlib.contextmanager
+    def _statement(self) -> Iterator[Transaction]:
+        """One statement (or one query string) as its own transaction: in autocommit mode it
+        is one round trip to the server, where BEGIN ... COMMIT would be three."""
+        conn = self._checkout()
+        try:
+            conn.autocommit = True
+            yield Transaction(conn)
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
+            self._return(conn)
+
     def execute(self, sql: str, params: Any = None) -> int:
-        with self.transaction() as tx:
+        with self._statement() as tx:
             return tx.execute(sql, params)
 
     def fetchall(self, sql: str, params: Any = None) -> list[tuple]:
-        with self.transaction() as tx:
+        with self._statement() as tx:
             return tx.fetchall(sql, params)
 
     def fetchone(self, sql: str, params: Any = None) -> tuple | None:
-        with self.transaction() as tx:
+        with self._statement() as tx:
             return tx.fetchone(sql, params)
 
     def fetchval(self, sql: str, params: Any = None) -> Any:
-        with self.transaction() as tx:
+        with self._statement() as tx:
             return tx.fetchval(sql, params)
 
     def fetchdicts(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
-        with self.transaction() as tx:
+        with self._statement() as tx:
             return tx.fetchdicts(sql, params)
 
     def warm_up(self) -> None:
