@@ -61,7 +61,7 @@ PRUNE_EVERY_S = 3600
 MAINTAIN_EVERY_S = 30
 PENDING_BATCH = 10_000
 FETCH_LIMIT = 100
-FETCH_LINGER_S = 0.005     # after a batch: more updates per getUpdates and per inbox write
+FETCH_LINGER_S = 0.020     # when busy: more updates per getUpdates and per inbox write
 MAX_CONCURRENT_UPDATES = 4  # chats handled at once; within a chat, one update at a time
 PER_PAGE = 8
 TOUCH_EVERY_S = 60.0
@@ -565,8 +565,10 @@ class BotRunner:
             for update in updates:
                 if update.update_id in fresh:   # a redelivery was handled (or is queued) already
                     self._schedule(update.update_id, update)
-            if len(updates) < FETCH_LIMIT:
-                await asyncio.sleep(FETCH_LINGER_S)   # under load, let the next batch fill a little
+            if 1 < len(updates) < FETCH_LIMIT:
+                # Busy (more than one update came at once): let the next batch fill a little,
+                # for fewer getUpdates calls and inbox writes. One at a time: no waiting.
+                await asyncio.sleep(FETCH_LINGER_S)
 
     # -- processing: in order within a chat, chats concurrently
 
