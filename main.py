@@ -94,12 +94,17 @@ class MainIntegrator:
     def run_demo(self) -> int:
         """No bot configured: the sandbox, a small demo roster and two demo bots, supervised."""
         import demo
+        from multiprocess_connection_manager import DatabaseError
         from telegram_sandbox import SandboxProcess
         with SandboxProcess() as sandbox:
             path = demo.write_config(self.config, sandbox.api_url)
             try:
                 self.config = load_config(path)
-                demo.seed_roster(self.config)
+                try:
+                    demo.seed_roster(self.config)
+                except DatabaseError as exc:
+                    log.error("the demo cannot start: %s", exc)
+                    return 1
                 print(demo.instructions(self.config, sandbox.url), flush=True)
                 return self.run_multibot_production()
             finally:

@@ -122,3 +122,16 @@ def test_with_nothing_configured_main_runs_the_demo(tmp_path, database_url):
             process.kill()
             process.wait(10)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.parametrize("bots", [{"alpha": {}}, {}], ids=["fleet", "demo"])
+def test_an_unreachable_database_stops_main_with_status_1_naming_the_host(tmp_path, bots):
+    config = write_config(tmp_path / "dims.toml", bots,
+                          extra='[database]\nurl = "postgresql://dims:n0tShown@127.0.0.1:1/dims"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIMS_", "DATABASE_URL", "BOT_TOKEN"))}
+    env.update(DIMS_DATA_DIR=str(tmp_path / "var"), TMPDIR=str(tmp_path), **{"ALPHA_TOKEN": TOKENS["alpha"]})
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", str(config)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "127.0.0.1" in result.stderr and "n0tShown" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
