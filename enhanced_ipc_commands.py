@@ -2,8 +2,10 @@
 
 `EnhancedIPCCommands` holds one method per command; `COMMANDS` maps each name to its method and
 to the function that declares its arguments, so a new command is one method and one entry.
-Database commands talk to PostgreSQL through the connection manager. Human output is a short
-aligned table; with `--json`, stdout is exactly one JSON object. Errors go to stderr.
+Fleet commands talk to the running supervisor over its control socket (`control.py`); database
+and roster commands talk to PostgreSQL through the connection manager (imported only by the
+commands that need it); `chat` talks to the Telegram sandbox. Human output is a short aligned
+table; with `--json`, stdout is exactly one JSON object. Errors go to stderr.
 
 Exit status: 0 success / healthy, 1 failed / not healthy, 2 usage or configuration error,
 3 the supervisor is not running. This module must stay light: it never imports telegram.

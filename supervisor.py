@@ -8,8 +8,13 @@ thread), so a death, a message or a signal is acted on at once. Every state chan
 event log table. Children are forked from a forkserver with the bot modules preloaded, and die
 with the supervisor (parent-death signal, and EOF on their pipe).
 
-Sections: states; the pipe protocol; the child process; the control socket; the event log;
-the supervisor. Imports: `bot` (run in the children), the connection manager, `config`.
+The supervisor process itself never touches the database: a database agent process (forked
+like the bots) applies migrations before any bot starts, keeps the bots' desired states and
+writes the event log, fed through a queue so the loop never waits on PostgreSQL.
+
+Sections: states; the pipe protocol; the child process; the control socket; the database
+agent; the supervisor. Imports: `config` and `control`; `bot` and the connection manager only
+inside the child processes.
 """
 
 from __future__ import annotations
