@@ -711,8 +711,12 @@ class EmbeddedPostgres:
         pid = self.server_pid()
         if pid is None:
             return True
+        if not hasattr(os, "pidfd_open"):   # not Linux: ask pg_ctl, which waits for the exit
+            result = self._run([str(find_postgres_bin() / "pg_ctl"), "stop", "-w", "-m", "fast",
+                                "-t", str(int(timeout)), "-D", str(self.pgdata)], timeout + 5)
+            return result.returncode == 0
         try:
-            waiter = os.pidfd_open(pid)
+            waiter = os.pidfd_open(pid)   # the exit becomes an event to wait for
             os.kill(pid, signal.SIGINT)
         except ProcessLookupError:
             return True
