@@ -65,6 +65,7 @@ FETCH_LINGER_S = 0.020     # when busy: more updates per getUpdates and per inbo
 MAX_CONCURRENT_UPDATES = 4  # chats handled at once; within a chat, one update at a time
 PER_PAGE = 8
 TOUCH_EVERY_S = 60.0
+TOUCHED_MAX = 10_000       # users remembered for that throttle before stale ones are dropped
 ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
 
 
@@ -247,6 +248,8 @@ class Handlers:
         user = update.effective_user
         now = time.monotonic()
         if user and now - self._touched.get(user.id, -TOUCH_EVERY_S) >= TOUCH_EVERY_S:
+            if len(self._touched) >= TOUCHED_MAX:   # forget users not seen for a minute
+                self._touched = {uid: at for uid, at in self._touched.items() if now - at < TOUCH_EVERY_S}
             self._touched[user.id] = now
             await self.roster(self.girls.touch_user, user.id, user.username, user.first_name)
 
