@@ -248,8 +248,10 @@ class Handlers:
         user = update.effective_user
         now = time.monotonic()
         if user and now - self._touched.get(user.id, -TOUCH_EVERY_S) >= TOUCH_EVERY_S:
-            if len(self._touched) >= TOUCHED_MAX:   # forget users not seen for a minute
+            if len(self._touched) >= TOUCHED_MAX:   # forget users not seen for a minute ...
                 self._touched = {uid: at for uid, at in self._touched.items() if now - at < TOUCH_EVERY_S}
+                if len(self._touched) >= TOUCHED_MAX // 2:   # ... or everyone, when most are recent
+                    self._touched.clear()
             self._touched[user.id] = now
             await self.roster(self.girls.touch_user, user.id, user.username, user.first_name)
 
