@@ -5,7 +5,7 @@ and memory read from /proc.
 Everything here starts processes that its context managers stop again (SIGTERM, a deadline,
 SIGKILL), leftovers included. Waits are on events - a log line, a control-socket answer, a
 process exit (pidfd) - and each has a deadline. Talks only to unix sockets and 127.0.0.1.
-Imports from the repository: the connection manager (embedded PostgreSQL) and `supervisor`
+Imports from the repository: the connection manager (embedded PostgreSQL) and `control`
 (the control-socket client). The PyPI `supervisor` package is never imported here: the
 repository's `supervisor.py` shadows it, so supervisord is run through its console scripts and
 spoken to over XML-RPC directly.
@@ -39,6 +39,7 @@ import psycopg2  # noqa: E402 (after the repository is on sys.path)
 import psycopg2.extensions  # noqa: E402
 
 import control  # noqa: E402  (DIMS control socket client)
+from _common import proc_stat  # noqa: E402 (beside this file)
 from multiprocess_connection_manager import EmbeddedPostgres  # noqa: E402
 
 DATABASE = "dims_bench_fleet"
@@ -83,23 +84,15 @@ def _kb_line(path: pathlib.Path, key: str) -> int:
     raise BenchError(f"{path}: no {key} line")
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat from field 3 (state) on, or None when the process is gone."""
-    try:
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
 def start_ticks(pid: int) -> int | None:
     """When the process started (clock ticks after boot): with the pid, it names one process."""
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     return int(fields[19]) if fields else None
 
 
 def alive(pid: int, ticks: int | None = None) -> bool:
     """The process exists, is not a zombie and (given `ticks`) is the one that started then."""
-    fields = _stat(pid)
+    fields = proc_stat(pid)
     return bool(fields) and fields[0] not in ("Z", "X") and (ticks is None or int(fields[19]) == ticks)
 
 

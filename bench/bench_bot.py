@@ -57,7 +57,8 @@ import psycopg2.extensions  # noqa: E402
 from multiprocess_connection_manager import DatabaseError, EmbeddedPostgres  # noqa: E402
 from telegram_sandbox import SandboxProcess  # noqa: E402
 
-import _http  # noqa: E402 (beside this file)
+import _common  # noqa: E402 (beside this file)
+from _common import cpu_seconds  # noqa: E402
 
 # Fake tokens with 7-digit bot ids, so nothing mistakes them for real ones.
 ECHO_TOKEN = "7100002:AAFakeBenchToken_echo000000000000000"
@@ -138,7 +139,7 @@ class BotProcess:
 # --------------------------------------------------------------------------- load generator
 
 
-class Connection(_http.Connection):
+class Connection(_common.Connection):
     """A keep-alive connection to the sandbox whose requests have a deadline."""
 
     async def request(self, method: str, path: str, body: bytes = b"",
@@ -217,15 +218,6 @@ def measure(url: str, workload: Workload, bot: BotProcess, args: argparse.Namesp
     if cpu_before is not None and cpu_after is not None:
         phase.cpu_s = cpu_after - cpu_before
     return phase
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time of a process (Linux /proc), None where unavailable."""
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- the bare echo bot

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -28,7 +27,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _http import Connection  # noqa: E402 (beside this file)
+from _common import Connection, cpu_seconds  # noqa: E402 (beside this file)
 from telegram_sandbox import SandboxProcess  # noqa: E402 (needs the repository on sys.path)
 
 FLEET_MESSAGES_PER_S = 200
@@ -126,15 +125,6 @@ async def hammer(load: Load, kind: str, one_request, worker: int) -> None:
             load.count(kind, await one_request(load, connection, n))
     finally:
         connection.close()
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time of a process (Linux /proc), None where unavailable."""
-    try:
-        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run(url: str, pid: int, args: argparse.Namespace) -> dict:

@@ -1,10 +1,13 @@
-"""A keep-alive HTTP/1.1 client connection for the benchmarks' load generators: small enough not
-to be the bottleneck it measures (no http.client per request, no thread). Standard library only."""
+"""What every benchmark here uses: a keep-alive HTTP/1.1 client connection for the load
+generators (small enough not to be the bottleneck it measures: no http.client per request, no
+thread) and readers of /proc. Standard library only."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pathlib
 
 
 class Connection:
@@ -32,3 +35,17 @@ class Connection:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on, or None when the process is gone."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a process, None when it is gone."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else None
