@@ -983,20 +983,20 @@ class ProcessSupervisor:
             self.start_bot(child)
 
     def _cmd_bot_start(self, payload, reply) -> None:
-        child = self._wanted(payload, reply, running=True)
-        if child is None:
-            return
-        if child.state is State.RUNNING:
-            reply({"status": "ok", "bot": self._bot_row(child), "changed": False})
-            return
-        self._bring_up(child, restart=False)
-        self._wait_for(child, {State.RUNNING}, payload, reply, terminal={State.FATAL})
+        self._start_and_wait(payload, reply, restart=False)
 
     def _cmd_bot_restart(self, payload, reply) -> None:
+        self._start_and_wait(payload, reply, restart=True)
+
+    def _start_and_wait(self, payload, reply, restart: bool) -> None:
+        """Bring the bot up (a running one only when restarting); answer once it is RUNNING."""
         child = self._wanted(payload, reply, running=True)
         if child is None:
             return
-        self._bring_up(child, restart=True)
+        if child.state is State.RUNNING and not restart:
+            reply({"status": "ok", "bot": self._bot_row(child), "changed": False})
+            return
+        self._bring_up(child, restart)
         self._wait_for(child, {State.RUNNING}, payload, reply, terminal={State.FATAL})
 
     def _cmd_bot_stop(self, payload, reply) -> None:
