@@ -19,6 +19,7 @@ inside the child processes.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import json
@@ -137,12 +138,18 @@ class ChildChannel:
                 pass  # the supervisor is gone; the reader thread notices EOF and stops the bot
 
     def attach(self, runner, stop) -> None:
-        """Called by bot.run inside the bot's event loop once the runner exists."""
+        """Called by bot.run inside the bot's event loop once the runner exists. (asyncio is
+        imported here and below, not at the top: the supervisor process never needs it.)"""
         import asyncio
         self.runner = runner
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, args=(loop, stop), name="pipe-reader", daemon=True).start()
-        loop.create_task(self._heartbeats())
+        self._heartbeat_task = loop.create_task(self._heartbeats())   # kept: the loop holds tasks weakly
+
+    @staticmethod
+    def _stop(loop, stop) -> None:
+        with contextlib.suppress(RuntimeError):   # the loop already finished: nothing to stop
+            loop.call_soon_threadsafe(stop.set)
 
     def ready(self) -> None:
         self.send(Message(Kind.READY, self.runner.snapshot()))
@@ -159,12 +166,12 @@ class ChildChannel:
                 message = Message.decode(self.conn.recv_bytes())
             except (EOFError, OSError):
                 logging.getLogger("dims.child").warning("the supervisor is gone: stopping")
-                loop.call_soon_threadsafe(stop.set)
+                self._stop(loop, stop)
                 return
             except (ValueError, KeyError):
                 continue
             if message.kind is Kind.STOP:
-                loop.call_soon_threadsafe(stop.set)
+                self._stop(loop, stop)
             elif message.kind in (Kind.STATS, Kind.PING):
                 self.send(Message(Kind.REPLY, self.runner.snapshot(), message.id))
 
