@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import logging
@@ -147,9 +148,6 @@ class Transaction:
     def execute(self, sql: str, params: Any = None) -> int:
         self._cursor.execute(sql, params)
         return self._cursor.rowcount
-
-    def executemany(self, sql: str, seq: Any) -> None:
-        self._cursor.executemany(sql, seq)
 
     def fetchall(self, sql: str, params: Any = None) -> list[tuple]:
         self._cursor.execute(sql, params)
@@ -632,7 +630,7 @@ class EmbeddedPostgres:
 
     def _run(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
         extra: dict[str, Any] = {}
-        env = dict(os.environ, LC_ALL="C.UTF-8" if "C.utf8" in _locales() else "C")
+        env = dict(os.environ, LC_ALL=_server_locale())
         if self.run_as is not None:
             extra = {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid, "extra_groups": []}
             env.update(HOME=self.run_as.pw_dir, USER="postgres", LOGNAME="postgres")
@@ -677,9 +675,8 @@ class EmbeddedPostgres:
 
     def _initdb(self, bin_dir: Path, timeout: float) -> None:
         log.info("creating the embedded PostgreSQL cluster in %s", self.pgdata)
-        locale = "C.UTF-8" if "C.utf8" in _locales() else "C"
         result = self._run([str(bin_dir / "initdb"), "-D", str(self.pgdata), "-U", self.SUPERUSER,
-                            "-A", "trust", "-E", "UTF8", f"--locale={locale}", "--no-instructions"], timeout)
+                            "-A", "trust", "-E", "UTF8", f"--locale={_server_locale()}", "--no-instructions"], timeout)
         if result.returncode != 0:
             raise DatabaseError(f"initdb failed for the embedded PostgreSQL in {self.pgdata}: "
                                 f"{result.stderr.strip() or result.stdout.strip()}")
@@ -726,11 +723,14 @@ class EmbeddedPostgres:
             os.close(waiter)
 
 
-def _locales() -> str:
+@functools.lru_cache(maxsize=1)
+def _server_locale() -> str:
+    """C.UTF-8 where the system has it (case-insensitive search works for every script), else C."""
     try:
-        return subprocess.run(["locale", "-a"], capture_output=True, text=True, timeout=5).stdout
+        available = subprocess.run(["locale", "-a"], capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return "C"
+    return "C.UTF-8" if "c.utf8" in available.lower() else "C"
 
 
 def _flock(fh: Any, timeout: float) -> None:
