@@ -80,16 +80,24 @@ class MainIntegrator:
 
     def run_multibot_production(self) -> int:
         try:
-            import supervisor  # noqa: F401  (the fleet runs under it)
+            import supervisor
         except ImportError as exc:
-            if self.args.multi:
-                log.error("the supervisor cannot run: %s", exc)
-                return 1
-            first = self.config.bots[0].name
-            log.warning("the supervisor cannot run (%s); falling back to single-bot mode with bot %r "
-                        "(the other configured bots are not started)", exc, first)
-            return self.run_single_bot_fallback(first)
-        return supervisor.ProcessSupervisor(self.config, self.args.log_level).run()
+            return self._without_supervisor(exc)
+        try:
+            return supervisor.ProcessSupervisor(self.config, self.args.log_level).run()
+        except supervisor.SupervisorUnavailable as exc:
+            return self._without_supervisor(exc)
+
+    def _without_supervisor(self, reason: Exception) -> int:
+        """The supervisor cannot run for a reason of its own: one bot in-process, said loudly
+        (never with --multi, which asks for the supervisor or nothing)."""
+        if self.args.multi:
+            log.error("the supervisor cannot run: %s", reason)
+            return 1
+        first = self.config.bots[0].name
+        log.warning("the supervisor cannot run (%s); falling back to single-bot mode with bot %r "
+                    "(the other configured bots are not started)", reason, first)
+        return self.run_single_bot_fallback(first)
 
     def run_demo(self) -> int:
         """No bot configured: the sandbox, a small demo roster and two demo bots, supervised."""

@@ -819,13 +819,14 @@ class ProcessSupervisor:
 
     def run(self) -> int:
         """Start everything, loop until SIGTERM/SIGINT and every bot has stopped. Exit status."""
-        data_dir = self.config.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self.config.data_dir.mkdir(parents=True, exist_ok=True)
             self._claim_socket()
         except SupervisorRunning as exc:
             log.error("%s", exc)
             return 1
+        except OSError as exc:
+            raise SupervisorUnavailable(f"cannot open the control socket {self.config.socket_path}: {exc}") from None
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         try:
@@ -834,6 +835,8 @@ class ProcessSupervisor:
             except SupervisorError as exc:
                 log.error("%s", exc)
                 return 1
+            except OSError as exc:
+                raise SupervisorUnavailable(f"cannot start child processes: {exc}") from None
             for bot_config in self.config.bots:
                 self.children[bot_config.name] = Child(bot_config)
             self._load_desired_states(list(self.children), self.settings.start_timeout)
@@ -1093,3 +1096,8 @@ class ProcessSupervisor:
 
 class SupervisorRunning(RuntimeError):
     """A live supervisor already answers on the control socket."""
+
+
+class SupervisorUnavailable(RuntimeError):
+    """The supervisor itself cannot run here (its socket, its processes); the bots and the
+    database are not the problem, so one bot can still run without it."""

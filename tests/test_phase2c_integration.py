@@ -135,3 +135,19 @@ def test_an_unreachable_database_stops_main_with_status_1_naming_the_host(tmp_pa
     assert result.returncode == 1
     assert "127.0.0.1" in result.stderr and "n0tShown" not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_when_the_supervisor_cannot_run_one_bot_runs_anyway_with_a_warning(tmp_path, database_url):
+    config = write_config(tmp_path / "dims.toml", {"alpha": {"display_name": "Alpha"}, "beta": {}})
+    with Sandbox() as sandbox:
+        env = dims_env(database_url, sandbox.api_url, tmp_path / "var")
+        env["DIMS_SOCKET"] = "/dev/null/dims.sock"   # a control socket that cannot be made
+        multi = subprocess.run([sys.executable, str(ROOT / "main.py"), "--multi", "--config", str(config)],
+                               env=env, capture_output=True, text=True, timeout=60)
+        assert multi.returncode == 1 and "the supervisor cannot run: cannot open the control socket" in multi.stderr
+        with DimsProcess(["--config", str(config)], env, tmp_path / "fallback.log") as fallback:
+            assert "Alpha" in Chat(sandbox, TOKENS["alpha"]).wait_until_answering()["text"]
+            assert fallback.stop() == 0
+        log = fallback.log()
+    assert "WARNING" in log and "falling back to single-bot mode with bot 'alpha'" in log
+    assert "cannot open the control socket /dev/null/dims.sock" in log
