@@ -96,10 +96,11 @@ class Inbox:
             (self.bot_id, self.bot_name, [p["update_id"] for p in updates], [json.dumps(p) for p in updates]))
         return {update_id for (update_id,) in rows}
 
-    def pending(self, limit: int = 100) -> list[tuple[int, dict[str, Any]]]:
+    def pending(self, limit: int = 100, skip: set[int] | frozenset = frozenset()) -> list[tuple[int, dict[str, Any]]]:
+        """Pending updates in order, but for those in `skip` (already queued in this process)."""
         return self.db.fetchall(
             "SELECT update_id, payload FROM dims_inbox WHERE bot_id = %s AND status = 'pending' "
-            "ORDER BY update_id LIMIT %s", (self.bot_id, limit))
+            "AND NOT (update_id = ANY(%s)) ORDER BY update_id LIMIT %s", (self.bot_id, list(skip), limit))
 
     def mark_done(self, update_ids: list[int]) -> None:
         """Asynchronous commit: the bot does not wait for the disk (the rows are stored, so a
@@ -608,10 +609,9 @@ class BotRunner:
 
     async def _schedule_pending(self) -> None:
         """Schedule stored updates not yet done (after a restart, or any left behind)."""
-        rows = await self._persist(self.inbox.pending, PENDING_BATCH)
+        rows = await self._persist(self.inbox.pending, PENDING_BATCH, set(self._scheduled))
         for update_id, payload in rows or ():
-            if update_id not in self._scheduled:
-                self._schedule(update_id, Update.de_json(payload, self.app.bot))
+            self._schedule(update_id, Update.de_json(payload, self.app.bot))
 
     async def _maintain(self) -> None:
         """Every half minute: count dead updates, pick up strays; prune once an hour."""
