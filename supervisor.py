@@ -818,40 +818,42 @@ class ProcessSupervisor:
     # -- start-up and the main entry
 
     def run(self) -> int:
-        """Start everything, loop until SIGTERM/SIGINT and every bot has stopped. Exit status."""
-        try:
-            self.config.data_dir.mkdir(parents=True, exist_ok=True)
-            self._claim_socket()
-        except SupervisorRunning as exc:
-            log.error("%s", exc)
-            return 1
-        except OSError as exc:
-            raise SupervisorUnavailable(f"cannot open the control socket {self.config.socket_path}: {exc}") from None
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
+        """Start everything, loop until SIGTERM/SIGINT and every bot has stopped. Exit status.
+        SupervisorUnavailable when the supervisor itself cannot run here (the caller may fall
+        back to one in-process bot)."""
         try:
             try:
+                self.config.data_dir.mkdir(parents=True, exist_ok=True)
+                self._claim_socket()
+            except OSError as exc:
+                raise SupervisorUnavailable(f"cannot open the control socket {self.config.socket_path}: {exc}") from None
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, self._on_signal)
+            try:
                 self._start_database()
-            except SupervisorError as exc:
-                log.error("%s", exc)
-                return 1
             except OSError as exc:
                 raise SupervisorUnavailable(f"cannot start child processes: {exc}") from None
-            for bot_config in self.config.bots:
-                self.children[bot_config.name] = Child(bot_config)
-            self._load_desired_states(list(self.children), self.settings.start_timeout)
-            log.info("supervisor %d: %d bots, control socket %s", os.getpid(), len(self.children),
-                     self.config.socket_path)
-            for child in self.children.values():
-                if child.wanted:
-                    self.start_bot(child)
-                else:
-                    log.info("bot %s: left STOPPED (stopped by an operator)", child.name)
+            self._start_bots()
             while not (self._shutting_down and self._all_stopped()):
                 self.loop_once(self._run_timers())
             return 0
+        except SupervisorError as exc:   # another supervisor runs, or the database is unreachable
+            log.error("%s", exc)
+            return 1
         finally:
             self._close()
+
+    def _start_bots(self) -> None:
+        for bot_config in self.config.bots:
+            self.children[bot_config.name] = Child(bot_config)
+        self._load_desired_states(list(self.children), self.settings.start_timeout)
+        log.info("supervisor %d: %d bots, control socket %s", os.getpid(), len(self.children),
+                 self.config.socket_path)
+        for child in self.children.values():
+            if child.wanted:
+                self.start_bot(child)
+            else:
+                log.info("bot %s: left STOPPED (stopped by an operator)", child.name)
 
     def _claim_socket(self) -> None:
         path = self.config.socket_path
@@ -1094,7 +1096,7 @@ class ProcessSupervisor:
         respond(results)
 
 
-class SupervisorRunning(RuntimeError):
+class SupervisorRunning(SupervisorError):
     """A live supervisor already answers on the control socket."""
 
 
