@@ -6,20 +6,19 @@ Errors are `ConfigError`s that name the file, the key and what was expected; cal
 into exit status 2. Secrets (bot tokens, database passwords) never appear in a repr, an error or
 a log line: `install_log_redaction()` adds a filter that scrubs them from every record.
 
-This module is the bottom of the import graph: it imports only the standard library.
+This module is the bottom of the import graph: it imports only the standard library, and only
+its light parts (no dataclasses, no logging until redaction is installed), because every operator
+command loads it before doing anything else.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import os
 import re
 import tomllib
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 DEFAULT_API_URL = "https://api.telegram.org/bot"
 BOT_NAME_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
@@ -33,8 +32,7 @@ class ConfigError(Exception):
 # --------------------------------------------------------------------------- the model
 
 
-@dataclass(frozen=True)
-class DatabaseConfig:
+class DatabaseConfig(NamedTuple):
     url: str | None = None          # None: the embedded PostgreSQL under the data directory
     pool_min: int = 1
     pool_max: int = 4               # per process, before the connection budget is applied
@@ -46,14 +44,12 @@ class DatabaseConfig:
         return f"DatabaseConfig(url={redact_url(self.url)!r}, pool_max={self.pool_max})"
 
 
-@dataclass(frozen=True)
-class TelegramConfig:
+class TelegramConfig(NamedTuple):
     api_url: str = DEFAULT_API_URL
     max_rate: float = 30.0          # messages/s a bot sends in all (Telegram's flood limit); 0: no limit
 
 
-@dataclass(frozen=True)
-class SupervisorConfig:
+class SupervisorConfig(NamedTuple):
     socket: str = ""                # "" means {data_dir}/dims.sock
     stop_timeout: float = 10.0      # stop request -> SIGKILL
     heartbeat_interval: float = 2.0
@@ -67,10 +63,9 @@ class SupervisorConfig:
     fatal_cooldown: float = 300.0   # FATAL recovers by itself after this long
 
 
-@dataclass(frozen=True)
-class BotConfig:
+class BotConfig(NamedTuple):
     name: str
-    token: str = field(repr=False)
+    token: str                      # never in a repr
     display_name: str = ""
     admins: tuple[int, ...] = ()
     roster_tags: tuple[str, ...] = ()
@@ -79,8 +74,7 @@ class BotConfig:
         return f"BotConfig(name={self.name!r}, display_name={self.display_name!r})"
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     path: Path | None
     data_dir: Path
     database: DatabaseConfig
@@ -234,14 +228,15 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
 
     database = _database(check, sections["database"], env)
     check.positive(sections["telegram"], "telegram", allow_zero=("max_rate",))
-    telegram = TelegramConfig(api_url=env.get("TELEGRAM_API_URL") or sections["telegram"].get("api_url", DEFAULT_API_URL),
-                              max_rate=sections["telegram"].get("max_rate", TelegramConfig.max_rate))
+    if env.get("TELEGRAM_API_URL"):
+        sections["telegram"]["api_url"] = env["TELEGRAM_API_URL"]
+    telegram = TelegramConfig(**sections["telegram"])
     if not telegram.api_url.startswith(("http://", "https://")):
         raise check.fail("telegram.api_url", f"expected an http(s) URL, got {telegram.api_url!r}")
     check.positive(sections["supervisor"], "supervisor", allow_zero=("stable_after",))
-    supervisor = SupervisorConfig(**{k: v for k, v in sections["supervisor"].items()})
     if env.get("DIMS_SOCKET"):
-        supervisor = dataclasses.replace(supervisor, socket=env["DIMS_SOCKET"])
+        sections["supervisor"]["socket"] = env["DIMS_SOCKET"]
+    supervisor = SupervisorConfig(**sections["supervisor"])
 
     if data_dir or env.get("DIMS_DATA_DIR"):
         chosen_dir = Path(data_dir or env["DIMS_DATA_DIR"])
@@ -352,14 +347,18 @@ def redact(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
     return _TOKEN_SHAPE.sub(r"\1:***", text)
 
 
-class RedactingFilter(logging.Filter):
-    """Scrubs secrets from a record's final message (httpx logs URLs that contain the token)."""
+class RedactingFilter:
+    """Scrubs secrets from a record's final message (httpx logs URLs that contain the token).
+
+    A logging filter by duck type (an object with `filter(record)`), so that this module need not
+    import logging: the operator CLI imports it only for the commands that log."""
 
     def __init__(self, secrets: list[str] | tuple[str, ...] = ()):
-        super().__init__()
         self.secrets = list(secrets)
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def filter(self, record) -> bool:
+        import logging  # loaded already: something is logging
+
         message = record.getMessage()
         cleaned = redact(message, self.secrets)
         if record.exc_info and not record.exc_text:
@@ -373,6 +372,8 @@ class RedactingFilter(logging.Filter):
 
 def install_log_redaction(secrets: list[str] | tuple[str, ...] = ()) -> RedactingFilter:
     """Attach one redacting filter to every root handler (call after logging is configured)."""
+    import logging
+
     root = logging.getLogger()
     existing = next((f for h in root.handlers for f in h.filters if isinstance(f, RedactingFilter)), None)
     redactor = existing or RedactingFilter()
