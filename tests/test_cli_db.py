@@ -1,5 +1,5 @@
 """The operator's database commands as real processes: concurrent db_migrate, db_status on the
-embedded server, an unreachable server, and configuration errors."""
+embedded server, an unreachable server, and configuration errors; and the CLI's argument parsing."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from enhanced_ipc_commands import COMMANDS, build_parser, named_command
 from multiprocess_connection_manager import EmbeddedPostgres, discover_migrations
 from tests.conftest import ROOT, reachable_tempdir
 
@@ -142,3 +143,34 @@ def test_usage_errors_exit_2(cli_env):
     assert run_cli("no_such_command", env=cli_env).returncode == 2
     assert run_cli("db_migrate", "--dry-runn", env=cli_env).returncode == 2
     assert run_cli("db_status", "--config", "/nonexistent/dims.toml", env=cli_env).returncode == 2
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["bot_list"], "bot_list"),
+    (["--json", "bot_stop", "alpha", "--timeout", "3"], "bot_stop"),
+    (["--config", "bot_list", "db_status"], "db_status"),      # a configuration file named like a command
+    (["--config=bot_list", "--json", "girls_add", "Ann"], "girls_add"),
+    (["--conf", "bot_list", "db_status"], None),               # an abbreviation: the whole parser decides
+    (["-h", "bot_list"], None),
+    (["bot_lis"], None),
+    (["--config"], None),
+    ([], None),
+])
+def test_a_plain_command_line_names_its_command(argv, named):
+    assert named_command(argv) == named
+
+
+@pytest.mark.parametrize("argv", [
+    ["bot_list"], ["--json", "bot_stop", "alpha", "--timeout", "3"], ["--config", "bot_list", "db_status"],
+    ["--config=x.toml", "girls_add", "Ann", "--tags", "a,b", "--json"], ["cache_stats"], ["db_migrate", "--dry-run"],
+])
+def test_the_parser_built_for_one_command_parses_like_the_whole_one(argv):
+    assert named_command(argv) is not None
+    assert build_parser(only=named_command(argv)).parse_args(argv) == build_parser().parse_args(argv)
+
+
+def test_help_lists_every_command(cli_env):
+    shown = run_cli("--help", env=cli_env)
+    assert shown.returncode == 0
+    assert all(name in shown.stdout for name in COMMANDS)
+    assert run_cli("--json", "bot_stop", env=cli_env).returncode == 2   # NAME missing: the subcommand's usage

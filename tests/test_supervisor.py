@@ -302,3 +302,20 @@ def test_bot_restart_gives_the_bot_a_new_process_and_touches_no_other(make_fleet
     assert fleet.row("alpha")["pid"] != before["alpha"] and fleet.row("beta")["pid"] == before["beta"]
     assert "Alpha" in Chat(sandbox, TOKENS["alpha"], user_id=76).say("/start")["text"]
 
+
+
+def test_the_dims_launcher_lists_the_fleet_without_loading_the_heavy_layers(make_fleet, tmp_path):
+    """`dims`, linked elsewhere as onto a PATH, is the CLI; a fleet command loads neither the
+    database layer, nor logging, nor telegram (an operator command starts in tens of ms)."""
+    fleet = make_fleet({"alpha": {}}).start(["alpha"])
+    link = tmp_path / "bin" / "dims"
+    link.parent.mkdir()
+    link.symlink_to(ROOT / "dims")
+    listed = subprocess.run([sys.executable, "-X", "importtime", str(link), "bot_list", "--json"], env=fleet.env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert [bot["name"] for bot in json.loads(listed.stdout)["bots"]] == ["alpha"]
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in listed.stderr.splitlines() if line.startswith("import time:")}
+    assert {"enhanced_ipc_commands", "control", "multiprocessing.connection"} <= loaded
+    heavy = {"logging", "dataclasses", "csv", "psycopg2", "multiprocess_connection_manager", "telegram", "httpx"}
+    assert not loaded & heavy
