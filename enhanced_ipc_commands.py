@@ -152,7 +152,6 @@ class EnhancedIPCCommands:
             result["girls"] = rows
         return EXIT_OK, result
 
-
     # -- the fleet (through the supervisor's control socket)
 
     def _supervisor(self, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -353,6 +352,13 @@ def write_roster_file(path: str, text: str) -> None:
         raise CommandError(f"cannot write {path}: {exc.strerror}", EXIT_USAGE) from None
 
 
+# --------------------------------------------------------------------------- arguments and the command table
+
+
+def _migrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="list pending migrations, apply nothing")
+
+
 def _girls_list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="include hidden profiles")
 
@@ -376,9 +382,6 @@ def _girls_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="FILE", help="write the file here instead of to stdout")
 
 
-# --------------------------------------------------------------------------- arguments and the command table
-
-
 def _bot_name_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME", help="the bot's name")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the new state (default 30)")
@@ -398,10 +401,6 @@ class Command(NamedTuple):
     show: Callable[[dict[str, Any]], str]
     help: str
     arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
-
-
-def _migrate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dry-run", action="store_true", help="list pending migrations, apply nothing")
 
 
 COMMANDS: dict[str, Command] = {
@@ -466,7 +465,7 @@ def named_command(argv: list[str]) -> str | None:
     """The command of a plain command line, `[--json] [--config PATH] COMMAND ...`, else None.
 
     For such a line the parser needs only that command's subparser, and building the other
-    fifteen is a few milliseconds of every operator command. Anything else before the command
+    others is a few milliseconds of every operator command. Anything else before the command
     (--help, an abbreviated option, a typo) gets the whole parser and its usual messages."""
     words = iter(argv)
     for word in words:

@@ -13,8 +13,11 @@ sandbox process serve two phases:
      time until the reply is visible in `/sandbox/messages?wait=`. Then wait until the bot is
      RUNNING again (DIMS: the control socket's `wait`; supervisord: its "entered RUNNING state"
      log line, i.e. startsecs passed) before the next kill.
-   - `python enhanced_ipc_commands.py bot_list` vs `supervisorctl -c CONF status`, each as a
-     whole new process, --runs times each (after one unmeasured round).
+   - `dims bot_list` vs `supervisorctl -c CONF status`, each as a whole new process (`python
+     SCRIPT ...`), --runs times each (after one unmeasured round). Both scripts are launchers
+     that import the CLI's modules (supervisorctl's is pip's console-script wrapper). DIMS's CLI
+     script itself, `python enhanced_ipc_commands.py bot_list`, is measured too and reported
+     beside them: Python compiles the script it starts with on every run (5-7 ms here).
    - the supervisor's VmRSS: main.py's vs supervisord's, both running --bots bots.
 2. Memory: a DIMS fleet of --fleet-size bots and one standalone `main.py --single` bot beside
    it, each having answered one `/start`: every bot process's PSS (/proc/PID/smaps_rollup),
@@ -177,8 +180,9 @@ def kills_and_cli(workdir: pathlib.Path, dsn: str, sandbox: SandboxProcess, args
             if scripts else None
         for n in [*dims_bots.values(), *sv_bots.values()]:
             ask_start(sandbox, n, timeout=START_REPLY_TIMEOUT_S)    # everyone answers before measuring
-        commands = {"dims": ([sys.executable, str(REPO / "enhanced_ipc_commands.py"), "bot_list", "--config",
-                              str(fleet_conf)], env)}
+        commands = {"dims": ([sys.executable, str(REPO / "dims"), "bot_list", "--config", str(fleet_conf)], env),
+                    "enhanced_ipc_commands.py": ([sys.executable, str(REPO / "enhanced_ipc_commands.py"), "bot_list",
+                                                  "--config", str(fleet_conf)], env)}
         if running:
             commands["supervisorctl"] = ([sys.executable, str(scripts[1]), "-c", str(running.conf), "status"], env)
         if shell_environment(env) != env:
@@ -303,6 +307,8 @@ def rows(r: Results, args: argparse.Namespace) -> list[Row]:
             "ms", "", None),
         Row("bot_list (whole process), median", cli, base_cli, "ms", f">= {TARGET_CLI_SPEEDUP}x faster",
             None if base_cli is None else base_cli / cli >= TARGET_CLI_SPEEDUP),
+        Row("  as python enhanced_ipc_commands.py", ms(r.extra_cli["enhanced_ipc_commands.py"]), base_cli, "ms",
+            "", None),
         Row(f"supervisor RSS ({args.bots} bots)", rss, base_rss, "MB", "< supervisord",
             None if base_rss is None else rss < base_rss),
         Row(f"per-bot PSS, {args.fleet_size}-bot fleet (mean)", bot_pss, r.memory.standalone_pss_kb / MB, "MB",
@@ -326,7 +332,7 @@ def report(r: Results, args: argparse.Namespace) -> str:
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     lines += ["",
               "baselines: kill = the same bot as a supervisord program (`main.py --single`, autorestart, "
-              "startsecs=1); bot_list = `supervisorctl -c CONF status`;",
+              "startsecs=1); bot_list = `supervisorctl -c CONF status` (DIMS: `dims bot_list`);",
               "  supervisor RSS = supervisord's (same number of bots); per-bot PSS = one standalone "
               "`main.py --single` process. base/DIMS > 1: DIMS is better."]
     if r.baseline is None:
