@@ -121,6 +121,13 @@ def db_migrate(result: dict[str, Any]) -> str:
     return "applied: " + ", ".join(names)
 
 
+def db_stop(result: dict[str, Any]) -> str:
+    if not result["stopped"]:
+        return f"the embedded PostgreSQL in {result['data']} is not running"
+    forced = f" (it was in use by {', '.join(u['process'] for u in result['users'])})" if result["users"] else ""
+    return f"stopped the embedded PostgreSQL (pid {result['pid']}) in {result['data']}{forced}"
+
+
 ROSTER_CSV_COLUMNS = ("name", "bio", "tags", "photo", "visible", "created_at", "updated_at")
 
 

@@ -110,6 +110,32 @@ class EnhancedIPCCommands:
         return EXIT_OK, {"dry_run": args.dry_run, "target": db.target,
                          "migrations": [m.label for m in migrations], "status": status}
 
+    def db_stop(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        """Stop the embedded PostgreSQL (a fast shutdown), unless another DIMS process still uses
+        it - the supervisor, its bots, a `--single` bot - or `--force`."""
+        if self.config.database.url:
+            raise CommandError("db_stop stops DIMS's embedded PostgreSQL, and this configuration names a database "
+                               "server (database.url or DATABASE_URL): stop that one with its own tools", EXIT_USAGE)
+        from multiprocess_connection_manager import DatabaseError
+        manager = self._database()
+        server = manager.embedded
+        result: dict[str, Any] = {"data": str(server.pgdata), "pid": server.server_pid(), "stopped": False, "users": []}
+        if result["pid"] is None or not server.is_accepting():
+            return EXIT_OK, result
+        try:
+            users = manager.connection_manager().fetchdicts(_OTHER_DIMS_PROCESSES_SQL)
+        except DatabaseError as exc:
+            raise CommandError(str(exc)) from None
+        finally:
+            manager.shutdown()
+        if users and not args.force:
+            names = ", ".join(f"{u['process']} ({u['connections']})" for u in users)
+            raise CommandError(f"the embedded PostgreSQL is in use by {names}; stop DIMS first "
+                               "(or --force: they lose the database until it is started again)", payload={"users": users})
+        if not server.stop():
+            raise CommandError(f"the embedded PostgreSQL (pid {result['pid']}) did not stop within 30 s")
+        return EXIT_OK, {**result, "stopped": True, "users": users}
+
     # -- roster
 
     def _with_roster(self, action: Callable[[Any], Any]) -> Any:
@@ -225,6 +251,9 @@ class EnhancedIPCCommands:
     def _database_health(self) -> dict[str, Any]:
         from multiprocess_connection_manager import DatabaseError, Migrator
         manager = self._database()
+        if manager.embedded is not None and not manager.embedded.is_accepting():   # a health check starts nothing
+            return {"status": "down", "reason": f"the embedded PostgreSQL in {manager.embedded.pgdata} is not running "
+                                                "(python main.py or db_status starts it)"}
         try:
             db = manager.connection_manager()
             started = time.perf_counter()
@@ -281,6 +310,12 @@ _DB_CONNECTIONS_SQL = """
     SELECT (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') AS in_use,
            current_setting('max_connections')::int AS server_max"""
 
+
+_OTHER_DIMS_PROCESSES_SQL = """
+    SELECT application_name AS process, count(*) AS connections
+      FROM pg_stat_activity
+     WHERE application_name LIKE 'dims:%%' AND pid <> pg_backend_pid()
+     GROUP BY application_name ORDER BY application_name"""
 
 _INBOX_SQL = """
     SELECT bot, count(*) FILTER (WHERE status = 'pending') AS backlog,
@@ -359,6 +394,10 @@ def _migrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list pending migrations, apply nothing")
 
 
+def _db_stop_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="stop it even while DIMS processes use it")
+
+
 def _girls_list_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="include hidden profiles")
 
@@ -408,6 +447,9 @@ COMMANDS: dict[str, Command] = {
                          "database reachability, version, latency, migrations, connections"),
     "db_migrate": Command(EnhancedIPCCommands.db_migrate, show.db_migrate,
                           "apply pending migrations (safe to run concurrently)", _migrate_arguments),
+    "db_stop": Command(EnhancedIPCCommands.db_stop, show.db_stop,
+                       "stop the embedded PostgreSQL (refused while DIMS processes use it, unless --force)",
+                       _db_stop_arguments),
     # -- roster
     "girls_list": Command(EnhancedIPCCommands.girls_list, show.girls_list,
                           "the profiles every bot can present (--all: hidden ones too)", _girls_list_arguments),

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import psycopg2
 import pytest
 
 from enhanced_ipc_commands import COMMANDS, build_parser, named_command
@@ -69,6 +70,39 @@ def test_db_status_with_nothing_configured_starts_the_embedded_server_and_then_r
     finally:
         EmbeddedPostgres(home / "var").stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_db_stop_stops_the_embedded_server_unless_dims_uses_it_and_system_health_does_not_restart_it():
+    home = reachable_tempdir("dims-test-cli-stop-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIMS_", "DATABASE_URL"))}
+    server = EmbeddedPostgres(home / "var")
+    try:
+        assert run_cli("db_status", env=env, cwd=home).returncode == 0     # starts it
+        bot = psycopg2.connect(server.dsn, application_name="dims:bot:alpha")   # a DIMS process using it
+        refused = run_cli("db_stop", env=env, cwd=home)
+        assert refused.returncode == 1 and "in use by dims:bot:alpha (1)" in refused.stderr
+        assert server.is_accepting()
+        forced = run_cli("db_stop", "--force", "--json", env=env, cwd=home)
+        assert forced.returncode == 0, forced.stderr
+        report = json.loads(forced.stdout)
+        assert report["stopped"] and report["users"] == [{"process": "dims:bot:alpha", "connections": 1}]
+        assert not server.is_accepting() and server.server_pid() is None
+        bot.close()
+        health = run_cli("system_health", "--json", env=env, cwd=home)
+        assert health.returncode == 1
+        database = json.loads(health.stdout)["database"]
+        assert database["status"] == "down" and "is not running" in database["reason"]
+        assert not server.is_accepting()                                  # the health check started nothing
+        again = run_cli("db_stop", env=env, cwd=home)
+        assert again.returncode == 0 and "is not running" in again.stdout
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_db_stop_leaves_a_configured_database_server_alone(cli_env):
+    refused = run_cli("db_stop", env=cli_env)
+    assert refused.returncode == 2 and "database.url or DATABASE_URL" in refused.stderr
 
 
 def test_refused_database_fails_at_once_naming_the_host_without_the_password(tmp_path):
