@@ -79,5 +79,6 @@ DIMS demo: {len(config.bots)} bots ({names}) on a local Telegram sandbox at {san
                    then try /start, /girls, /find music, /help; #N presses button N
   see the fleet:   python enhanced_ipc_commands.py bot_list
   check health:    python enhanced_ipc_commands.py system_health
-  stop the demo:   Ctrl-C here
+  stop the demo:   Ctrl-C here (the embedded PostgreSQL stays up for the next run;
+                   python enhanced_ipc_commands.py db_stop stops it)
 """.rstrip("\n")
