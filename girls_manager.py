@@ -273,6 +273,9 @@ def _clean_rows(rows: list[Any]) -> list[dict[str, Any]]:
     return cleaned
 
 
+_TAG_TEXT = re.compile(r"[a-z0-9_-]+")   # text that can be part of a tag
+
+
 def _like_pattern(text: str) -> str:
     """'%text%' with LIKE's wildcards in text taken literally (escape character: backslash)."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -563,9 +566,13 @@ class GirlsManager:
         if not _storable(text):
             return ()
         matches = "ILIKE %(pattern)s ESCAPE '\\'"
+        # Tags hold only [a-z0-9_-] (a CHECK says so): other text is in no tag, and text without a
+        # space cannot reach across the space between two tags, so one ILIKE over the joined tags
+        # finds a tag containing it (a third of the cost of a subquery over unnest(tags) per row).
+        in_tags = f" OR array_to_string(tags, ' ') {matches}" if _TAG_TEXT.fullmatch(text.lower()) else ""
         return tuple(self._fetch(
             f"SELECT {_SELECT} FROM dims_girls WHERE {self._presented} "
-            f"AND (name {matches} OR bio {matches} OR EXISTS (SELECT 1 FROM unnest(tags) AS tag WHERE tag {matches})) "
+            f"AND (name {matches} OR bio {matches}{in_tags}) "
             f"ORDER BY lower(name), id LIMIT %(limit)s", pattern=_like_pattern(text), limit=limit))
 
     def _cached(self, key: tuple, load: Callable[[], Any]) -> Any:

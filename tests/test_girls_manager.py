@@ -201,6 +201,17 @@ def test_search_matches_name_bio_or_a_tag_case_insensitively_in_any_script(roste
     assert roster.search("nobody") == []
 
 
+def test_search_finds_text_within_one_tag_never_across_two(roster):
+    roster.add("Ann", tags="hip,hop")
+    roster.add("Bea", bio="loves hip hop")
+    roster.add("Cat", tags="hip-hop")
+    assert names(roster.search("HIP")) == ["Ann", "Bea", "Cat"]
+    assert names(roster.search("hip hop")) == ["Bea"]
+    assert names(roster.search("p h")) == ["Bea"]
+    assert names(roster.search("p-h")) == ["Cat"]
+    assert roster.search("hip,hop") == [] and roster.search("hiphop") == []
+
+
 def test_search_takes_like_wildcards_literally(roster):
     roster.add("Ann", bio="100% real")
     roster.add("Bea", bio="snake_case and back\\slash")
