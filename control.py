@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import multiprocessing.connection as mpc
 import os
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
 KEY_FILE = "dims.key"
+HANDSHAKE_TIMEOUT = 5.0   # seconds for each read or write before the request is sent
 
 
 def read_authkey(data_dir: Path) -> bytes | None:
@@ -40,9 +43,10 @@ def request(socket_path: Path, authkey: bytes, payload: dict[str, Any], timeout:
     (`{"status": "ok", ...}` or `{"status": "error", "reason": ...}`).
 
     Raises OSError (ConnectionRefusedError, FileNotFoundError) when nobody listens,
-    mpc.AuthenticationError on a wrong key, TimeoutError when no reply comes in time.
+    mpc.AuthenticationError on a wrong key, TimeoutError when the handshake or the reply does
+    not come in time.
     """
-    conn = mpc.Client(str(socket_path), family="AF_UNIX", authkey=authkey)
+    conn = _connect(Path(socket_path), authkey)
     try:
         conn.send_bytes(json.dumps(payload).encode())
         if not conn.poll(timeout):
@@ -50,3 +54,28 @@ def request(socket_path: Path, authkey: bytes, payload: dict[str, Any], timeout:
         return json.loads(conn.recv_bytes())
     finally:
         conn.close()
+
+
+def _connect(path: Path, authkey: bytes) -> mpc.Connection:
+    """What `mpc.Client` does (connect, then the HMAC handshake), with a deadline on every read
+    and write: a supervisor that accepts connections but is stopped or hung fails the call with
+    TimeoutError instead of hanging it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        sock.connect(str(path))
+        sock.settimeout(None)   # blocking again, as mpc.Connection needs, with the kernel's deadlines:
+        deadline = struct.pack("ll", int(HANDSHAKE_TIMEOUT), int(HANDSHAKE_TIMEOUT % 1 * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, deadline)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, deadline)
+        conn = mpc.Connection(sock.detach())
+    try:
+        mpc.answer_challenge(conn, authkey)
+        mpc.deliver_challenge(conn, authkey)
+    except BlockingIOError:   # a read or write hit the deadline
+        conn.close()
+        raise TimeoutError(f"{path} accepted the connection but no handshake came within "
+                           f"{HANDSHAKE_TIMEOUT:g} s") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn

@@ -21,11 +21,12 @@ import argparse
 import json
 import sys
 import time
+from multiprocessing import AuthenticationError
 from typing import Any, Callable, NamedTuple, TextIO
 
 import cli_output as show
 from config import Config, ConfigError, install_log_redaction, load_config
-from control import read_authkey, request
+from control import KEY_FILE, read_authkey, request
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_SUPERVISOR = 0, 1, 2, 3
 
@@ -192,7 +193,10 @@ class EnhancedIPCCommands:
         except (ConnectionRefusedError, FileNotFoundError, EOFError):
             raise CommandError(f"the supervisor is not running (nothing answers on {path}); "
                                "start it with: python main.py", EXIT_NO_SUPERVISOR) from None
-        except OSError as exc:
+        except AuthenticationError:
+            raise CommandError(f"the supervisor on {path} refused the key in {self.config.data_dir / KEY_FILE}: "
+                               "it runs with another data directory (data_dir, DIMS_DATA_DIR)") from None
+        except OSError as exc:   # TimeoutError included: it is stopped or hung
             raise CommandError(f"cannot talk to the supervisor on {path}: {exc}") from None
         if answer.get("status") != "ok":
             raise CommandError(answer.get("reason", "the supervisor refused"), answer.get("code", EXIT_FAILED),

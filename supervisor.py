@@ -860,13 +860,22 @@ class ProcessSupervisor:
         path.parent.mkdir(parents=True, exist_ok=True)
         key = make_authkey(self.config.data_dir)
         if path.exists():
+            # Only a socket nobody listens on is stale. One that answers with another key, or
+            # accepts and then stalls or hangs up, belongs to a live process: refuse, touch nothing.
+            elsewhere = "stop it first, or point DIMS_SOCKET elsewhere"
             try:
                 answer = request(path, key, {"command": "ping"}, timeout=3)
-                raise SupervisorRunning(f"another supervisor is running (pid {answer.get('pid')}) on {path}; "
-                                        "stop it first, or point DIMS_SOCKET elsewhere")
-            except (OSError, EOFError, TimeoutError, mpc.AuthenticationError):
+            except (ConnectionRefusedError, FileNotFoundError):
                 log.info("removing the stale control socket %s", path)
-                path.unlink()
+                path.unlink(missing_ok=True)
+            except mpc.AuthenticationError:
+                raise SupervisorRunning(f"another supervisor, with another data directory (its own key), is running "
+                                        f"on {path}; {elsewhere}") from None
+            except (OSError, EOFError) as exc:
+                raise SupervisorRunning(f"something listens on {path} but does not answer as a supervisor "
+                                        f"({exc or type(exc).__name__}); {elsewhere}") from None
+            else:
+                raise SupervisorRunning(f"another supervisor is running (pid {answer.get('pid')}) on {path}; {elsewhere}")
         self.control = ControlServer(path, key, self._wake)
 
     def _start_database(self) -> None:

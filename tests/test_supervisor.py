@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from multiprocess_connection_manager import ConnectionManager
-from control import read_authkey, request
+from control import HANDSHAKE_TIMEOUT, read_authkey, request
 from supervisor import ALLOWED_MOVES, State
 from telegram_sandbox import Sandbox
 from tests.conftest import ROOT
@@ -281,6 +281,39 @@ def test_a_second_supervisor_refuses_and_names_the_running_one(make_fleet):
     assert second.returncode == 1
     assert f"another supervisor is running (pid {fleet.process.pid})" in second.stderr
     assert fleet.row("alpha")["state"] == "RUNNING"
+
+
+def test_a_supervisor_with_another_key_on_the_same_socket_is_refused_and_the_cli_says_why(make_fleet):
+    fleet = make_fleet({"alpha": {}}).start(["alpha"])
+    other = Path(tempfile.mkdtemp(prefix="dims-sv-other-"))   # another data directory: another key
+    try:
+        env = {**fleet.env, "DIMS_DATA_DIR": str(other), "DIMS_SOCKET": str(fleet.socket)}
+        second = subprocess.run([sys.executable, str(ROOT / "main.py"), "--multi", "--config", str(fleet.config)],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert f"another supervisor, with another data directory (its own key), is running on {fleet.socket}" \
+            in second.stderr
+        listed = subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), "bot_list"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 1 and "Traceback" not in listed.stderr
+        assert f"refused the key in {other / 'dims.key'}" in listed.stderr
+        assert fleet.ctl({"command": "ping"})["pid"] == fleet.process.pid   # its socket is untouched
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_the_cli_gives_up_on_a_stopped_supervisor_at_the_handshake_deadline(make_fleet):
+    fleet = make_fleet({"alpha": {}}).start(["alpha"])
+    os.kill(fleet.process.pid, signal.SIGSTOP)   # it still accepts (the kernel does), it never answers
+    try:
+        listed = subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), "bot_list"],
+                                env=fleet.env, capture_output=True, text=True, timeout=30)
+    finally:
+        os.kill(fleet.process.pid, signal.SIGCONT)
+    assert listed.returncode == 1
+    assert f"cannot talk to the supervisor on {fleet.socket}: {fleet.socket} accepted the connection but no " \
+           f"handshake came within {HANDSHAKE_TIMEOUT:g} s" in listed.stderr
+    assert fleet.ctl({"command": "ping"})["pid"] == fleet.process.pid
 
 
 def test_a_stale_socket_left_by_a_dead_supervisor_is_replaced(make_fleet):
