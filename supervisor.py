@@ -560,7 +560,8 @@ class ProcessSupervisor:
 
     def _spawn(self, child: Child) -> None:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
-        pool_max = pool_max_for(self.config.database, max(1, len(self.children)))
+        wanted = sum(1 for c in self.children.values() if not c.removed)   # as reload() checked the budget
+        pool_max = pool_max_for(self.config.database, max(1, wanted))
         process = self._ctx.Process(target=child_main, name=f"dims-bot-{child.name}",
                                     args=(child.config, self.config, child_end, pool_max, self.log_level))
         process.start()

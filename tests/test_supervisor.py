@@ -249,6 +249,21 @@ def test_reload_restarts_only_changed_bots_and_stops_removed_ones(make_fleet, sa
     assert listed == ["alpha", "beta"]
 
 
+def test_reload_swapping_bots_at_the_connection_budget_keeps_the_supervisor_up(make_fleet, sandbox):
+    tight = SUPERVISOR_SETTINGS + "\n[database]\nmax_connections = 9\n"   # room for 3 bot processes, not 4
+    fleet = make_fleet({"alpha": {}, "beta": {}, "gamma": {}})
+    fleet.env.update(GAMMA_TOKEN="7000003:AAFakeTokenForTestsOnly_gamma0000000",
+                     DELTA_TOKEN="7000004:AAFakeTokenForTestsOnly_delta0000000")
+    write_config(fleet.config, {"alpha": {}, "beta": {}, "gamma": {}}, extra=tight)
+    fleet.start(["alpha", "beta", "gamma"])
+    write_config(fleet.config, {"alpha": {}, "beta": {}, "delta": {}}, extra=tight)
+    answer = fleet.ctl({"command": "reload"})
+    assert (answer["added"], answer["removed"]) == (["delta"], ["gamma"])
+    fleet.wait_for("delta", ["RUNNING"])   # started while gamma was still stopping
+    assert "Delta" in Chat(sandbox, "7000004:AAFakeTokenForTestsOnly_delta0000000", user_id=76).say("/start")["text"]
+    assert [b["name"] for b in fleet.ctl({"command": "bot_list"})["bots"]] == ["alpha", "beta", "delta"]
+
+
 def test_bot_stop_survives_a_supervisor_restart(make_fleet, tmp_path):
     fleet = make_fleet().start(["alpha", "beta"])
     assert fleet.ctl({"command": "bot_stop", "name": "beta"})["bot"]["state"] == "STOPPED"
