@@ -44,6 +44,8 @@ from control import make_authkey, request
 log = logging.getLogger("dims.supervisor")
 
 EXIT_TOKEN_REJECTED = 78       # bot.EXIT_TOKEN_REJECTED; not imported, to keep bot's imports out
+CACHE_FIELDS = ("hits", "misses", "hit_rate", "entries", "evictions", "invalidations")   # cache_stats, per bot
+BAD_REQUEST = 2                # a reply's "code" for a request naming no such bot or state: the CLI's usage status
 PRELOAD = ["bot"]              # imported once in the forkserver, shared by every child
 
 
@@ -976,7 +978,7 @@ class ProcessSupervisor:
         child = self.children.get(name) if isinstance(name, str) else None
         if child is None:
             known = ", ".join(self.children) or "none"
-            reply({"status": "error", "reason": f"bot {name!r} is not configured (known: {known})", "code": 2})
+            reply({"status": "error", "reason": f"bot {name!r} is not configured (known: {known})", "code": BAD_REQUEST})
         return child
 
     def _cmd_ping(self, payload, reply) -> None:
@@ -1039,7 +1041,7 @@ class ProcessSupervisor:
             try:
                 states = {State(s) for s in payload.get("states") or ()}
             except ValueError:
-                reply({"status": "error", "reason": f"unknown state in {payload.get('states')}", "code": 2})
+                reply({"status": "error", "reason": f"unknown state in {payload.get('states')}", "code": BAD_REQUEST})
                 return
             self._wait_for(child, states, payload, reply)
 
@@ -1047,7 +1049,8 @@ class ProcessSupervisor:
         reply(self.reload())
 
     def _cmd_cache_stats(self, payload, reply) -> None:
-        self._query_children(payload, reply, lambda child, stats: {"name": child.name, **(stats.get("cache") or {})})
+        self._query_children(payload, reply, lambda child, stats: {"name": child.name, **dict.fromkeys(CACHE_FIELDS),
+                                                                   **(stats.get("cache") or {})})
 
     def _cmd_stats(self, payload, reply) -> None:
         self._query_children(payload, reply, lambda child, stats: {"name": child.name, **stats})
@@ -1072,12 +1075,14 @@ class ProcessSupervisor:
                        "bot": self._bot_row(child)})
 
     def _query_children(self, payload, reply, row: Callable[[Child, dict], dict]) -> None:
-        """Ask every RUNNING bot (or the one named) for fresh stats; answer when all replied."""
+        """Ask every RUNNING bot (or the one named) for fresh stats; answer when all replied. A bot
+        that cannot answer (not RUNNING, or silent for 3 s) gets the row of no stats, marked
+        `unavailable`, with its state."""
         names = [payload["name"]] if payload.get("name") else list(self.children)
         unknown = [n for n in names if n not in self.children]
         if unknown:
             reply({"status": "error", "reason": f"bot {unknown[0]!r} is not configured "
-                                                f"(known: {', '.join(self.children) or 'none'})", "code": 2})
+                                                f"(known: {', '.join(self.children) or 'none'})", "code": BAD_REQUEST})
             return
         query_id = self._next_id
         self._next_id += 1
@@ -1086,7 +1091,7 @@ class ProcessSupervisor:
         results = {n: None for n in names}
         self._queries[query_id] = (lambda done: reply({"status": "ok", "bots": [
             row(self.children[n], stats) if stats is not None else
-            {"name": n, "state": self.children[n].state.value, "unavailable": True}
+            {**row(self.children[n], {}), "state": self.children[n].state.value, "unavailable": True}
             for n, stats in done.items() if n in self.children]}), results, asked, time.monotonic() + 3.0)
         if not asked:
             self._finish_query(query_id)

@@ -20,7 +20,7 @@ import pytest
 
 from multiprocess_connection_manager import ConnectionManager
 from control import HANDSHAKE_TIMEOUT, read_authkey, request
-from supervisor import ALLOWED_MOVES, State
+from supervisor import ALLOWED_MOVES, CACHE_FIELDS, State
 from telegram_sandbox import Sandbox
 from tests.conftest import ROOT
 from tests.support import TOKENS, Chat, DimsProcess, dims_env, write_config
@@ -270,6 +270,15 @@ def test_bot_stop_survives_a_supervisor_restart(make_fleet, tmp_path):
     assert fleet.process.stop() == 0
     again = make_fleet().start(["alpha"])
     assert again.row("beta")["state"] == "STOPPED"
+
+
+def test_cache_stats_gives_a_bot_that_cannot_answer_every_field_as_null(make_fleet):
+    fleet = make_fleet().start(["alpha", "beta"])
+    fleet.ctl({"command": "bot_stop", "name": "beta"})
+    bots = {b["name"]: b for b in fleet.ctl({"command": "cache_stats"})["bots"]}
+    assert bots["beta"] == {"name": "beta", "state": "STOPPED", "unavailable": True, **dict.fromkeys(CACHE_FIELDS)}
+    assert set(CACHE_FIELDS) <= set(bots["alpha"]) and "unavailable" not in bots["alpha"]
+    assert bots["alpha"]["hits"] is not None
 
 
 def test_control_socket_is_private_and_survives_bad_clients(make_fleet):
