@@ -1,5 +1,5 @@
-"""How the operator CLI shows a result to a person: one function per command, named after it,
-from the command's result object to the text printed without `--json` (mostly a short aligned
+"""How the operator CLI shows a result to a person: a function per command, named after it
+(`bot_change` serves bot_start, bot_stop and bot_restart), from the command's result object to the text printed without `--json` (mostly a short aligned
 table); and the roster as the text of a JSON or CSV file, as `girls_export` writes it.
 
 Pure functions of their arguments, standard library only; `enhanced_ipc_commands` imports this

@@ -2,7 +2,7 @@
 
 `EnhancedIPCCommands` holds one method per command; `COMMANDS` maps each name to its method, to
 the function in `cli_output` that shows its result, and to the function that declares its
-arguments, so a new command is one method, one view and one entry.
+arguments, so a new command is one method, one view, its arguments and one entry.
 Fleet commands talk to the running supervisor over its control socket (`control.py`); database
 and roster commands talk to PostgreSQL through the connection manager (imported only by the
 commands that need it); `chat` talks to the Telegram sandbox. Human output is a short aligned
@@ -47,11 +47,12 @@ class EnhancedIPCCommands:
         self.config = config
         self.stderr = stderr or sys.stderr
 
-    def _start_logging(self) -> None:
-        """Warnings to stderr, secrets redacted: for the layers that log (database, sandbox)."""
+    def _start_logging(self, config: Config | None = None) -> None:
+        """Warnings to stderr, the secrets of `config` (default: ours) redacted: for the layers
+        that log (database, sandbox)."""
         import logging
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=self.stderr)
-        install_log_redaction(self.config.secrets())
+        install_log_redaction((config or self.config).secrets())
 
     # -- database
 
@@ -284,6 +285,8 @@ class EnhancedIPCCommands:
 
     def chat(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         """Talk to a bot in the sandbox as a Telegram user, from this terminal."""
+        if args.json:
+            raise CommandError("chat is a conversation on this terminal; it has no --json output", EXIT_USAGE)
         config = self.config
         demo = config.data_dir / "demo.toml"
         if not any(b.name == args.name for b in config.bots) and demo.exists():
@@ -293,7 +296,7 @@ class EnhancedIPCCommands:
         if not api_url.endswith("/bot") or "api.telegram.org" in api_url:
             raise CommandError(f"chat talks to the Telegram sandbox, but bot {bot.name} uses {api_url}; "
                                "use a real Telegram client for it", EXIT_USAGE)
-        self._start_logging()
+        self._start_logging(config)
         import telegram_sandbox
         code = telegram_sandbox.chat(api_url[: -len("/bot")], bot.token, user_id=args.user_id)
         return code, {"bot": bot.name}
@@ -486,6 +489,22 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class UsageError(Exception):
+    """Bad arguments, as argparse words them; `main` reports them (also as JSON with --json)."""
+
+    def __init__(self, message: str, usage: str, prog: str):
+        super().__init__(message)
+        self.usage, self.prog = usage, prog
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, raising UsageError where argparse would print and exit (its subparsers
+    are of this class too)."""
+
+    def error(self, message: str):
+        raise UsageError(message, self.format_usage(), self.prog)
+
+
 def _common_options(defaults: bool) -> argparse.ArgumentParser:
     """--json and --config, accepted before and after the command name."""
     common = argparse.ArgumentParser(add_help=False)
@@ -498,7 +517,7 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser for every command, or with only the subparser of `only` (see `named_command`)."""
-    parser = argparse.ArgumentParser(description="DIMS operator commands", parents=[_common_options(defaults=True)])
+    parser = ArgumentParser(description="DIMS operator commands", parents=[_common_options(defaults=True)])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     after = _common_options(defaults=False)
     for name, command in COMMANDS.items():
@@ -510,8 +529,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def named_command(argv: list[str]) -> str | None:
     """The command of a plain command line, `[--json] [--config PATH] COMMAND ...`, else None.
 
-    For such a line the parser needs only that command's subparser, and building the other
-    others is a few milliseconds of every operator command. Anything else before the command
+    For such a line the parser needs only that command's subparser, and building the others
+    is a few milliseconds of every operator command. Anything else before the command
     (--help, an abbreviated option, a typo) gets the whole parser and its usual messages."""
     words = iter(argv)
     for word in words:
@@ -524,21 +543,26 @@ def named_command(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        argv = sys.argv[1:] if argv is None else argv
         args = build_parser(only=named_command(argv)).parse_args(argv)
-    except SystemExit as exc:  # argparse printed the usage error already
+    except UsageError as exc:
+        print(f"{exc.usage}{exc.prog}: error: {exc}", file=stderr)   # as argparse prints it
+        if "--json" in argv:
+            print(json.dumps({"error": str(exc)}), file=stdout)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
         return EXIT_USAGE if exc.code else EXIT_OK
     command = COMMANDS[args.command]
     try:
-        config = load_config(args.config)
-        status, result = command.run(EnhancedIPCCommands(config, stderr), args)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=stderr)
-        return EXIT_USAGE
+        try:
+            config = load_config(args.config)
+            status, result = command.run(EnhancedIPCCommands(config, stderr), args)
+        except ConfigError as exc:
+            raise CommandError(f"configuration error: {exc}", EXIT_USAGE) from None
     except CommandError as exc:
         if args.json:
-            print(json.dumps({"error": str(exc), **exc.payload}), file=stdout)
+            print(json.dumps({"error": str(exc), **exc.payload}, default=str), file=stdout)
         print(f"{args.command}: {exc}", file=stderr)
         return exc.exit_code
     if args.json:

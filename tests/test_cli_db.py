@@ -203,6 +203,19 @@ def test_the_parser_built_for_one_command_parses_like_the_whole_one(argv):
     assert build_parser(only=named_command(argv)).parse_args(argv) == build_parser().parse_args(argv)
 
 
+@pytest.mark.parametrize("args, error", [
+    (["no_such_command", "--json"], "invalid choice: 'no_such_command'"),
+    (["--json", "bot_stop"], "the following arguments are required: NAME"),
+    (["--json", "db_status", "--config", "/nonexistent/dims.toml"], "configuration error: /nonexistent/dims.toml"),
+    (["--json", "chat", "alpha"], "chat is a conversation on this terminal"),
+])
+def test_with_json_even_a_usage_or_configuration_error_is_one_json_object(cli_env, args, error):
+    result = run_cli(*args, env=cli_env)
+    assert result.returncode == 2
+    assert error in json.loads(result.stdout)["error"]
+    assert error in result.stderr and "Traceback" not in result.stderr
+
+
 def test_help_lists_every_command(cli_env):
     shown = run_cli("--help", env=cli_env)
     assert shown.returncode == 0
