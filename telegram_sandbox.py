@@ -763,6 +763,7 @@ class BotState:
         self.callback_answers: dict[str, dict | None] = {}  # query id -> the bot's answer
         self.seq = 0
         self.outbox: dict[int, list[dict]] = {}
+        self.sent_seq: dict[tuple[int, int], int] = {}  # (chat, message id) -> seq at its send
         self.outbox_waiters: dict[int, set[asyncio.Future]] = {}
         self.faults: dict[str, collections.deque[Fault]] = {}
         self.calls: collections.deque[dict] = collections.deque(maxlen=CALL_LOG_LIMIT)
@@ -840,6 +841,7 @@ class BotState:
                    "date": int(time.time())}
         message.update({key: value for key, value in content.items() if value})
         self.messages[chat_id][message_id] = message
+        self.sent_seq[chat_id, message_id] = self.seq  # publish() moves it to a bot's send
         return message
 
     def publish(self, chat_id: int, message: dict, edited: bool = False,
@@ -850,16 +852,28 @@ class BotState:
         event.update({"seq": self.seq, "chat_id": chat_id, "edited": edited, "deleted": deleted,
                       "text": message.get("text"), "reply_markup": message.get("reply_markup")})
         self.outbox.setdefault(chat_id, []).append(event)
+        if not edited and not deleted:
+            self.sent_seq[chat_id, message["message_id"]] = self.seq
         for waiter in self.outbox_waiters.pop(chat_id, ()):
             _settle(waiter, True)
         return event
 
     def outbox_after(self, chat_id: int, after: int, after_seq: int | None) -> list[dict]:
+        """The chat's outbox events (sends, edits, deletions) that happened after message
+        `after` was sent and after event `after_seq`, oldest first.
+
+        So an edit of message `after`, or of an earlier message, made after `after` was sent
+        counts. after <= 0 means from the start; a deleted message still counts from its send;
+        an id the chat has not reached yet selects nothing until that message exists.
+        """
+        if after >= self.next_message_id.get(chat_id, 1):
+            return []
+        since = max(self.sent_seq.get((chat_id, after), 0), after_seq or 0)
         events = self.outbox.get(chat_id, [])
-        start = len(events) if after_seq is not None else 0
-        while start > 0 and events[start - 1]["seq"] > after_seq:
+        start = len(events)
+        while start > 0 and events[start - 1]["seq"] > since:
             start -= 1
-        return [e for e in events[start:] if e["message_id"] > after]
+        return events[start:]
 
     async def wait_for_outbox(self, chat_id: int, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -1752,7 +1766,8 @@ class SandboxClient:
 
     def messages(self, token: str, chat_id: int, after: int = 0, wait: float = 0.0,
                  after_seq: int | None = None) -> list[dict]:
-        """What the bot sent, edited or deleted in the chat, waiting up to wait s for one."""
+        """What the bot sent, edited or deleted in the chat since message `after` was sent
+        (edits of it included) and after event after_seq, waiting up to wait s for one."""
         query = {"token": token, "chat_id": chat_id, "after": after, "wait": wait}
         if after_seq is not None:
             query["after_seq"] = after_seq

@@ -732,7 +732,65 @@ def test_messages_after_seq_include_edits_and_deletions_in_order(sb, api, token,
     assert [(e["text"], e["edited"], e["deleted"]) for e in events] == [
         ("v1", False, False), ("v2", True, False), ("v2", False, True)]
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
-    assert sb.messages(token, user, after=sent["message_id"]) == []
+    later = sb.messages(token, user, after=sent["message_id"])   # a deleted id still counts
+    assert [(e["text"], e["edited"], e["deleted"]) for e in later] == [
+        ("v2", True, False), ("v2", False, True)]
+
+
+def changes(events: list[dict]) -> list[tuple]:
+    return [(e["message_id"], e["text"], e["edited"]) for e in events]
+
+
+def test_messages_after_a_pressed_message_include_its_edit(sb, api, token, user):
+    menu = api.ok("sendMessage", chat_id=user, text="menu",
+                  reply_markup={"inline_keyboard": [[BUTTON]]})
+    assert sb.messages(token, user, after=menu["message_id"]) == []
+    sb.press(token, user, menu["message_id"], "ok")
+    api.ok("editMessageText", chat_id=user, message_id=menu["message_id"], text="picked")
+    assert changes(sb.messages(token, user, after=menu["message_id"])) == [
+        (menu["message_id"], "picked", True)]
+
+
+def test_messages_after_an_id_are_what_happened_after_its_send_in_order(sb, api, token, user):
+    first = api.ok("sendMessage", chat_id=user, text="a")
+    api.ok("editMessageText", chat_id=user, message_id=first["message_id"], text="a1")
+    after = api.ok("sendMessage", chat_id=user, text="b")["message_id"]
+    api.ok("editMessageText", chat_id=user, message_id=after, text="b2")
+    api.ok("editMessageText", chat_id=user, message_id=first["message_id"], text="a2")
+    last = api.ok("sendMessage", chat_id=user, text="c")["message_id"]
+    assert changes(sb.messages(token, user, after=after)) == [
+        (after, "b2", True), (first["message_id"], "a2", True), (last, "c", False)]
+    assert sb.messages(token, user, after=last) == []
+
+
+def test_messages_after_a_user_message_id_or_one_not_reached_yet(sb, api, token, user):
+    api.ok("sendMessage", chat_id=user, text="before")
+    asked = sb.send(token, user, "question")["message_id"]
+    api.ok("sendMessage", chat_id=user, text="answer")
+    assert [e["text"] for e in sb.messages(token, user, after=asked)] == ["answer"]
+    assert sb.messages(token, user, after=asked + 5) == []
+
+
+def test_messages_after_an_id_count_it_in_its_own_chat(sb, api, token, user):
+    sb.send(token, 9002, "hi")
+    here = api.ok("sendMessage", chat_id=user, text="x")["message_id"]
+    api.ok("editMessageText", chat_id=user, message_id=here, text="x2")
+    there = api.ok("sendMessage", chat_id=9002, text="y")["message_id"]
+    assert here == there
+    assert changes(sb.messages(token, user, after=here)) == [(here, "x2", True)]
+    assert sb.messages(token, 9002, after=there) == []
+
+
+def test_messages_wait_after_an_id_is_woken_by_an_edit_of_it(sb, api, token, user):
+    menu = api.ok("sendMessage", chat_id=user, text="menu",
+                  reply_markup={"inline_keyboard": [[BUTTON]]})
+    waiting = in_thread(sb.messages, token, user, menu["message_id"], 5.0)
+    wait_until(lambda: sb.health()["waiting"]["messages"] >= 1, what="messages wait start")
+    edited_at = time.monotonic()
+    api.ok("editMessageReplyMarkup", chat_id=user, message_id=menu["message_id"])
+    assert [(e["text"], e["edited"], e["reply_markup"]) for e in waiting(10)] == [
+        ("menu", True, None)]
+    assert time.monotonic() - edited_at < 3
 
 
 def test_messages_wait_returns_as_soon_as_the_bot_sends(sb, api, token, user):
