@@ -42,7 +42,7 @@ from telegram.ext import (
 
 from config import BotConfig, Config, TelegramConfig, install_log_redaction
 from girls_manager import (
-    EDITABLE_FIELDS, GirlsManager, NotCached, Page, Profile, ProfileNotFound, RosterError, cache_only,
+    EDITABLE_FIELDS, GirlsManager, NameTaken, NotCached, Page, Profile, ProfileNotFound, RosterError, cache_only,
 )
 from multiprocess_connection_manager import (
     ConnectionManager, DatabaseError, DatabaseIntegrationManager, is_database_outage,
@@ -64,6 +64,7 @@ FETCH_LIMIT = 100
 FETCH_LINGER_S = 0.020     # when busy: more updates per getUpdates and per inbox write
 MAX_CONCURRENT_UPDATES = 4  # chats handled at once; within a chat, one update at a time
 PER_PAGE = 8
+FIND_MAX = 20              # /find shows at most this many matches (one button each)
 TOUCH_EVERY_S = 60.0
 TOUCHED_MAX = 10_000       # users remembered for that throttle before stale ones are dropped
 ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
@@ -175,6 +176,26 @@ def page_view(page: Page) -> tuple[str, InlineKeyboardMarkup | None]:
     return text, list_keyboard(page.items, page.number, nav)
 
 
+def error_reply(error: RosterError, command: str) -> str:
+    """A roster error as a reply: why (the roster's own message, which the CLI shows too), then
+    how to do it right where the message does not say it already."""
+    why = str(error)
+    why = why[:1].upper() + why[1:] + ("" if why.endswith((".", "…")) else ".")
+    if isinstance(error, ProfileNotFound):
+        how = "Check the spelling, or look the name up with /find TEXT or /girls."
+    elif isinstance(error, NameTaken) and command == "add":
+        how = f"To change that profile, use {edit_usage(error.name)}."
+    elif isinstance(error, NameTaken):
+        how = "Pick a name no other profile has."
+    else:
+        how = ""
+    return fit(f"{why} {how}".strip())
+
+
+def edit_usage(name: str) -> str:
+    return f"/edit {name} | FIELD | VALUE" if any(ch.isspace() for ch in name) else f"/edit {name} FIELD VALUE"
+
+
 def card_keyboard(profile: Profile, favourite: bool, page: int) -> InlineKeyboardMarkup:
     star = "★ In your favourites" if favourite else "☆ Add to favourites"
     return InlineKeyboardMarkup([[InlineKeyboardButton(star, callback_data=f"f:{profile.id}:{page}")],
@@ -237,7 +258,7 @@ class Handlers:
         app.add_handler(TypeHandler(Update, self.touch), group=1)
 
     async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        name = update.effective_message.text.split(None, 1)[0][1:].split("@", 1)[0].lower()
+        name = _command(update)
         if name in self._admin_commands and not self.is_admin(update):
             await update.effective_message.reply_text(
                 f"Sorry, /{name} is for this bot's admins only. Send /help to see what you can do.")
@@ -280,13 +301,19 @@ class Handlers:
         if not text:
             await update.effective_message.reply_text("Tell me what to look for, e.g. /find anna")
             return
-        found = await self.read(self.girls.search, text, 20)
+        found = await self.read(self.girls.search, text, FIND_MAX + 1)   # one more: are there more?
         if not found:
             await update.effective_message.reply_text(
                 f"Nothing matched {quote(text)}. Try a shorter word, or /girls to browse.")
             return
-        many = "1 profile matches" if len(found) == 1 else f"{len(found)} profiles match"
-        await update.effective_message.reply_text(f"{many} {quote(text)}:", reply_markup=list_keyboard(found))
+        if len(found) > FIND_MAX:
+            reply = (f"More than {FIND_MAX} profiles match {quote(text)}; here are the first {FIND_MAX}. "
+                     "Try a longer or more exact text to narrow it down.")
+        elif len(found) == 1:
+            reply = f"1 profile matches {quote(text)}:"
+        else:
+            reply = f"{len(found)} profiles match {quote(text)}:"
+        await update.effective_message.reply_text(reply, reply_markup=list_keyboard(found[:FIND_MAX]))
 
     async def cmd_fav(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         name = " ".join(context.args).strip()
@@ -367,7 +394,8 @@ class Handlers:
             else:
                 await self._toggle_from_card(query, number, page)
         except ProfileNotFound:
-            await query.answer("That profile is no longer available.", show_alert=True)
+            await query.answer("That profile is no longer available. Send /girls for the current list.",
+                               show_alert=True)
 
     async def _open_card(self, query, profile_id: int, page: int) -> None:
         profile = await self.read(self.girls.get, profile_id)
@@ -394,6 +422,14 @@ class Handlers:
         if update.effective_message:
             await update.effective_message.reply_text(
                 "I work with commands: /girls to browse, /find TEXT to search, /help for the rest.")
+
+
+def _command(update: Update) -> str:
+    """The command a message starts with ("find" for "/find@AlphaBot x"); "" for anything else."""
+    if update.callback_query is not None:
+        return ""
+    words = (update.effective_message.text or "").split(None, 1)
+    return words[0][1:].split("@", 1)[0].lower() if words and words[0].startswith("/") else ""
 
 
 def _arguments(update: Update) -> str:
@@ -469,7 +505,7 @@ class BotRunner:
             self._failures[update.update_id] = error
         if isinstance(error, RosterError) and isinstance(update, Update) and update.effective_message:
             self._failures.pop(update.update_id, None)   # the user's mistake, answered: handled
-            await update.effective_message.reply_text(str(error))
+            await update.effective_message.reply_text(error_reply(error, _command(update)))
             return
         if is_database_outage(error):
             log.warning("database unreachable while handling update %s: %s",

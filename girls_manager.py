@@ -66,6 +66,14 @@ class ProfileNotFound(RosterError):
     """No such profile (among those this bot presents, for the presenting reads)."""
 
 
+class NameTaken(RosterError):
+    """Another profile already has this name (names are unique, case-insensitively)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"a profile named {name!r} already exists")
+        self.name = name
+
+
 class NotCached(Exception):
     """A read inside `cache_only()` whose answer is not in the cache."""
 
@@ -673,7 +681,7 @@ class GirlsManager:
                 self._notify(tx, kind="roster")
         except psycopg2.errors.UniqueViolation:
             existing = self.db.fetchval("SELECT name FROM dims_girls WHERE lower(name) = lower(%s)", (conflict,))
-            raise RosterError(f"a profile named {existing or conflict!r} already exists") from None
+            raise NameTaken(existing or conflict) from None
         self._cache.invalidate()
         profile = _profile(row)
         log.info("%s: roster: %s %r (id %d)", self.bot_name, action, profile.name, profile.id)

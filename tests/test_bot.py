@@ -95,7 +95,8 @@ def test_favourites_from_the_card_and_by_name(running_bot, sandbox):
     assert chat.say("/fav Chloe")["text"] == "Chloe added to your favourites."
     assert chat.say("/fav bella")["text"] == "Bella removed from your favourites."
     assert [b["text"] for b in buttons(chat.say("/favs"))] == ["Chloe"]
-    assert "no profile" in chat.say("/fav Nobody")["text"].lower()
+    assert chat.say("/fav Nobody")["text"] == ("No profile named 'Nobody'. "
+                                               "Check the spelling, or look the name up with /find TEXT or /girls.")
     other = Chat(sandbox, TOKEN, user_id=2003)
     assert "no favourites yet" in other.say("/favs")["text"]
 
@@ -108,6 +109,21 @@ def test_find_matches_name_bio_and_tag_or_says_nothing_matched(running_bot, sand
     nothing = chat.say("/find zebra")
     assert "Nothing matched “zebra”" in nothing["text"] and not buttons(nothing)
     assert "Tell me what to look for" in chat.say("/find")["text"]
+
+
+def test_find_with_more_matches_than_it_shows_says_so(running_bot, sandbox, roster_db):
+    extra = [f"Model {n:02d}" for n in range(1, 11)]   # 11 + 10 profiles: all play chess
+    for name in extra[:9]:
+        roster_db.add(name, "Plays chess.")
+    chat = Chat(sandbox, TOKEN, user_id=4004)
+    exactly = chat.say("/find chess")
+    assert exactly["text"] == "20 profiles match “chess”:" and len(buttons(exactly)) == 20
+    roster_db.add(extra[9], "Plays chess.")
+    more = chat.say("/find chess")
+    assert more["text"].startswith("More than 20 profiles match “chess”; here are the first 20.")
+    assert "narrow it down" in more["text"]
+    in_order = sorted(NAMES + extra, key=str.lower)
+    assert [b["text"] for b in buttons(more)] == in_order[:20]
 
 
 def test_admin_commands_change_the_roster(running_bot, sandbox, roster_db):
@@ -139,11 +155,19 @@ def test_bad_admin_arguments_get_a_usable_answer(running_bot, sandbox, roster_db
     admin = Chat(sandbox, TOKEN, ADMIN)
     assert admin.say("/add")["text"].startswith("Usage: /add NAME | BIO")
     assert admin.say("/edit Alice colour red")["text"].startswith("Usage: /edit NAME FIELD VALUE")
-    assert "already exists" in admin.say("/add alice")["text"]
-    assert "1000" in admin.say("/add Long | " + "x" * 1200)["text"]
-    assert "no profile" in admin.say("/hide Nobody")["text"].lower()
+    assert admin.say("/add alice | Another one")["text"] == (
+        "A profile named 'Alice' already exists. To change that profile, use /edit Alice FIELD VALUE.")
+    roster_db.add("Anna Maria")
+    assert admin.say("/add anna maria")["text"].endswith("use /edit Anna Maria | FIELD | VALUE.")
+    assert admin.say("/edit Alice name bella")["text"] == (
+        "A profile named 'Bella' already exists. Pick a name no other profile has.")
+    assert admin.say("/add Long | " + "x" * 1200)["text"] == "Bio is 1200 characters; the limit is 1000."
+    for command in ("/edit Nobody bio x", "/hide Nobody", "/show Nobody", "/delete Nobody"):
+        assert admin.say(command)["text"] == ("No profile named 'Nobody'. "
+                                              "Check the spelling, or look the name up with /find TEXT or /girls."), command
     assert admin.say("/delete")["text"] == "Usage: /delete NAME"
-    assert [p.name for p in roster_db.page(0, 50).items] == NAMES
+    assert [p.name for p in roster_db.page(0, 50).items] == NAMES[:1] + ["Anna Maria"] + NAMES[1:]
+    assert roster_db.get_any("Alice").bio == "Alice likes chess and long walks."
 
 
 def test_a_profile_with_a_photo_is_sent_as_a_photo_card(running_bot, sandbox, roster_db):
@@ -181,6 +205,7 @@ def test_hostile_input_gets_sensible_answers_and_the_bot_keeps_serving(running_b
                                   match=lambda event: "Alpha" in (event.get("text") or ""))
     answered = [c for c in sandbox.calls(TOKEN, "answerCallbackQuery") if "no longer" in json.dumps(c)]
     assert len(answered) >= 4
+    assert any("no longer available. Send /girls for the current list." in json.dumps(c) for c in answered)
     assert "Nothing matched" in chat.say("/find Ünïcødé ʕ•ᴥ•ʔ")["text"]
 
 
