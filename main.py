@@ -4,7 +4,9 @@ single-bot, with a WARNING that says why, when the supervisor cannot run. With n
 it runs the demo: the Telegram sandbox and two demo bots under the supervisor.
 
 Exit status: 0 after a clean stop, 2 for a usage or configuration error, otherwise the bot's
-or the supervisor's own code. Imports: `config`, then the layer it runs (`supervisor` or `bot`).
+or the supervisor's own code. Imports: `config`, then the layer it runs (`supervisor` or `bot`;
+for the demo also `demo`, `telegram_sandbox` and the connection manager), each only when that
+mode runs; nothing imports this module.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ EXIT_USAGE = 2
 
 @dataclass(frozen=True)
 class Mode:
-    name: str            # "single" or "multi"
+    name: str            # "single", "multi" or "demo"
     bot: str | None      # the bot to run in single mode
     reason: str          # why this mode, for the log
 
@@ -126,7 +128,11 @@ class MainIntegrator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return MainIntegrator(argv).run()
+    try:
+        integrator = MainIntegrator(argv)
+    except SystemExit as exc:   # --help, or a usage error argparse has printed
+        return EXIT_USAGE if exc.code else 0
+    return integrator.run()
 
 
 if __name__ == "__main__":

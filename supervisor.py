@@ -10,7 +10,9 @@ with the supervisor (parent-death signal, and EOF on their pipe).
 
 The supervisor process itself never touches the database: a database agent process (forked
 like the bots) applies migrations before any bot starts, keeps the bots' desired states and
-writes the event log, fed through a queue so the loop never waits on PostgreSQL.
+writes the event log, fed through a queue so the loop never waits on those writes. Reads wait:
+the desired states at start-up, and those of bots a reload adds (at most 2 s; without an
+answer the bots start).
 
 Sections: states; the pipe protocol; the child process; the control socket; the database
 agent; the supervisor. Imports: `config` and `control`; `bot` and the connection manager only
@@ -366,8 +368,9 @@ class SupervisorError(RuntimeError):
 
 class DatabaseAgent:
     """The supervisor's side of the database agent. Events and desired-state changes go out
-    from one sender thread through a bounded queue, so the supervisor loop never waits on the
-    database; an agent that died is started again and what was queued is sent to the new one."""
+    from one sender thread through a bounded queue, so the supervisor loop never waits on those
+    writes (reading desired states waits, with a deadline); an agent that died is started again
+    and what was queued is sent to the new one."""
 
     def __init__(self, ctx, config: Config, log_level: str, start_timeout: float):
         self._ctx, self._config, self._log_level = ctx, config, log_level
