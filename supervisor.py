@@ -51,6 +51,19 @@ BAD_REQUEST = 2                # a reply's "code" for a request naming no such b
 PRELOAD = ["bot"]              # imported once in the forkserver, shared by every child
 
 
+class SupervisorError(RuntimeError):
+    """The supervisor cannot run; the message says why."""
+
+
+class SupervisorRunning(SupervisorError):
+    """A live supervisor already answers on the control socket."""
+
+
+class SupervisorUnavailable(RuntimeError):
+    """The supervisor itself cannot run here (its socket, its processes); the bots and the
+    database are not the problem, so one bot can still run without it."""
+
+
 # --------------------------------------------------------------------------- states
 
 
@@ -360,10 +373,6 @@ def _save_desired_state(db, body: dict[str, Any]) -> None:
 _DATABASE_REQUESTS: dict[Kind, Callable[[Any, dict[str, Any]], Any]] = {
     Kind.EVENT: _write_event, Kind.DESIRED: _desired_states, Kind.SAVE: _save_desired_state,
 }
-
-
-class SupervisorError(RuntimeError):
-    """The supervisor cannot run; the message says why."""
 
 
 class DatabaseAgent:
@@ -1113,11 +1122,3 @@ class ProcessSupervisor:
         respond, results, _, _ = self._queries.pop(query_id)
         respond(results)
 
-
-class SupervisorRunning(SupervisorError):
-    """A live supervisor already answers on the control socket."""
-
-
-class SupervisorUnavailable(RuntimeError):
-    """The supervisor itself cannot run here (its socket, its processes); the bots and the
-    database are not the problem, so one bot can still run without it."""
