@@ -1121,4 +1121,3 @@ class ProcessSupervisor:
     def _finish_query(self, query_id: int) -> None:
         respond, results, _, _ = self._queries.pop(query_id)
         respond(results)
-
