@@ -786,11 +786,9 @@ def test_messages_wait_after_an_id_is_woken_by_an_edit_of_it(sb, api, token, use
                   reply_markup={"inline_keyboard": [[BUTTON]]})
     waiting = in_thread(sb.messages, token, user, menu["message_id"], 5.0)
     wait_until(lambda: sb.health()["waiting"]["messages"] >= 1, what="messages wait start")
-    edited_at = time.monotonic()
     api.ok("editMessageReplyMarkup", chat_id=user, message_id=menu["message_id"])
-    assert [(e["text"], e["edited"], e["reply_markup"]) for e in waiting(10)] == [
+    assert [(e["text"], e["edited"], e["reply_markup"]) for e in waiting(10)] == [   # not [] (the timeout)
         ("menu", True, None)]
-    assert time.monotonic() - edited_at < 3
 
 
 def test_messages_wait_returns_as_soon_as_the_bot_sends(sb, api, token, user):
