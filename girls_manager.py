@@ -372,7 +372,7 @@ class _Cache:
         with self._cond:
             looked_up = self.hits + self.misses
             return {"hits": self.hits, "misses": self.misses,
-                    "hit_rate": round(self.hits / looked_up, 3) if looked_up else 0.0,
+                    "hit_rate": round(self.hits / looked_up, 3) if looked_up else None,   # no lookups: no rate
                     "entries": len(self._entries), "evictions": self.evictions,
                     "invalidations": self.invalidations}
 

@@ -343,6 +343,7 @@ def test_export_then_import_into_a_fresh_database_round_trips_exactly(roster, pg
 def test_a_repeated_read_is_served_from_the_cache(roster):
     roster.add("Ann")
     before = roster.cache_stats()
+    assert (before["hits"], before["misses"], before["hit_rate"]) == (0, 0, None)   # no lookups: no rate
     assert roster.count() == 1 and roster.count() == 1
     after = roster.cache_stats()
     assert (after["hits"] - before["hits"], after["misses"] - before["misses"], after["entries"]) == (1, 1, 1)
