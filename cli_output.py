@@ -2,8 +2,8 @@
 (`bot_change` serves bot_start, bot_stop and bot_restart), from the command's result object to the text printed without `--json` (mostly a short aligned
 table); and the roster as the text of a JSON or CSV file, as `girls_export` writes it.
 
-Pure functions of their arguments, standard library only; `enhanced_ipc_commands` imports this
-module as `show`. Kept apart from it because Python compiles the script it is started with on
+Pure functions of their arguments (the standard library, and `control` for the cache_stats
+fields); `enhanced_ipc_commands` imports this module as `show`. Kept apart from it because Python compiles the script it is started with on
 every run but loads imported modules from cached bytecode: what the script does not hold, an
 operator command does not wait for.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import json
 from typing import Any
+
+from control import CACHE_FIELDS
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -67,7 +69,7 @@ def reload(result: dict[str, Any]) -> str:
 def cache_stats(result: dict[str, Any]) -> str:
     rows = [{**b, "hit_rate": f"{b['hit_rate'] * 100:.1f}%" if b.get("hit_rate") is not None else None}
             for b in result["bots"]]
-    return format_table(rows, ["name", "hits", "misses", "hit_rate", "entries", "evictions", "invalidations"])
+    return format_table(rows, ["name", *CACHE_FIELDS])
 
 
 def system_health(result: dict[str, Any]) -> str:

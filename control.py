@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 KEY_FILE = "dims.key"
-HANDSHAKE_TIMEOUT = 5.0   # seconds for each read or write before the request is sent
+HANDSHAKE_TIMEOUT = 5.0   # seconds for the connect and for each read or write on the connection
+CACHE_FIELDS = ("hits", "misses", "hit_rate", "entries", "evictions", "invalidations")   # per bot in cache_stats
 
 
 def read_authkey(data_dir: Path) -> bytes | None:

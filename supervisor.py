@@ -41,12 +41,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from config import BotConfig, Config, install_log_redaction, load_config, pool_max_for
-from control import make_authkey, request
+from control import CACHE_FIELDS, make_authkey, request
 
 log = logging.getLogger("dims.supervisor")
 
 EXIT_TOKEN_REJECTED = 78       # bot.EXIT_TOKEN_REJECTED; not imported, to keep bot's imports out
-CACHE_FIELDS = ("hits", "misses", "hit_rate", "entries", "evictions", "invalidations")   # cache_stats, per bot
 BAD_REQUEST = 2                # a reply's "code" for a request naming no such bot or state: the CLI's usage status
 PRELOAD = ["bot"]              # imported once in the forkserver, shared by every child
 
@@ -888,7 +887,7 @@ class ProcessSupervisor:
                                         f"on {path}; {elsewhere}") from None
             except (OSError, EOFError) as exc:
                 raise SupervisorRunning(f"something listens on {path} but does not answer as a supervisor "
-                                        f"({exc or type(exc).__name__}); {elsewhere}") from None
+                                        f"({str(exc) or type(exc).__name__}); {elsewhere}") from None
             else:
                 raise SupervisorRunning(f"another supervisor is running (pid {answer.get('pid')}) on {path}; {elsewhere}")
         self.control = ControlServer(path, key, self._wake)

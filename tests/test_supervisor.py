@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from multiprocess_connection_manager import ConnectionManager
-from control import HANDSHAKE_TIMEOUT, read_authkey, request
-from supervisor import ALLOWED_MOVES, CACHE_FIELDS, State
+from control import CACHE_FIELDS, HANDSHAKE_TIMEOUT, read_authkey, request
+from supervisor import ALLOWED_MOVES, State
 from telegram_sandbox import Sandbox
 from tests.conftest import ROOT
 from tests.support import TOKENS, Chat, DimsProcess, dims_env, write_config
