@@ -36,7 +36,7 @@ class Backoff:
         self._random = random
         self.failures = 0          # consecutive, since the last reset
         self.grew = False          # the last next() moved to a higher level (or was the first)
-        self._level = 0.0
+        self.level = 0.0           # the base (before jitter) of the last delay handed out
 
     def base(self) -> float:
         """The delay before jitter that the next call to `next()` starts from."""
@@ -44,8 +44,8 @@ class Backoff:
 
     def next(self) -> float:
         base = self.base()
-        self.grew = base > self._level
-        self._level = base
+        self.grew = base > self.level
+        self.level = base
         spread = self.jitter if (self.failures or self.jitter_first) else 0.0
         self.failures += 1
         return base * (1 + spread * (2 * self._random() - 1))
@@ -53,9 +53,9 @@ class Backoff:
     def reset(self) -> None:
         self.failures = 0
         self.grew = False
-        self._level = 0.0
+        self.level = 0.0
 
     @property
     def capped(self) -> bool:
         """True once the delays have reached the cap."""
-        return self._level >= self.cap
+        return self.level >= self.cap

@@ -20,7 +20,7 @@ import pytest
 
 from multiprocess_connection_manager import ConnectionManager
 from control import CACHE_FIELDS, HANDSHAKE_TIMEOUT, read_authkey, request
-from supervisor import ALLOWED_MOVES, State
+from states import ALLOWED_MOVES, State
 from telegram_sandbox import Sandbox
 from tests.conftest import ROOT
 from tests.support import TOKENS, Chat, DimsProcess, dims_env, write_config

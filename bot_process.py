@@ -1,0 +1,122 @@
+"""The inside of a supervised bot process: its entry function, its end of the pipe to the
+supervisor, and the preparation of the forkserver every bot process is forked from.
+
+`child_main` is what the supervisor starts (through `host.Host`) for each bot: it names the
+process, ties its life to its parent's (`process_setup`), and runs `bot.run()` with a `ChildChannel` that sends
+`ready` and heartbeats and turns a `stop` message (or EOF: the supervisor is gone) into a
+graceful stop. It is handed only its own bot's configuration (with the database and telegram
+sections), never the other bots' tokens. `prepare_forkserver` runs once in the forkserver
+(`forkserver_preload` calls it): it imports the bot's modules and builds what every bot
+process shares, so a bot starts in milliseconds and its pages stay shared.
+
+Imports at the top: the standard library, `config`, `pipe_protocol`, `process_setup`; `bot` (and with
+it telegram and the database layer) only inside the functions that run in child processes, so
+the supervisor, which imports this module for `child_main`, never loads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing.connection as mpc
+import os
+import signal
+import threading
+
+from config import BotConfig, Config
+from pipe_protocol import Kind, Message
+from process_setup import prepare_child, set_process_title
+
+log = logging.getLogger("dims.child")
+
+
+def prepare_forkserver() -> None:
+    """Load and build, once, what every bot process forked from here shares: the bot's modules
+    (python-telegram-bot, httpx, psycopg2), one TLS context with the CA bundle loaded, the HTTP
+    stack's lazily imported backends. Then freeze the garbage collector's view of all of it, so
+    that the children's collections never touch (and so copy) those shared pages."""
+    import gc
+
+    import bot
+    set_process_title("dims: forkserver", "dims forkserver")
+    bot.prepare_http_stack()
+    gc.freeze()
+
+
+def child_config(config: Config, bot_config: BotConfig) -> Config:
+    """What a bot process is handed: its own bot, the database and telegram sections; no other
+    bot's token."""
+    return config._replace(bots=(bot_config,))
+
+
+class ChildChannel:
+    """The child's end of its pipe: answers requests, sends heartbeats, turns `stop` into a stop."""
+
+    def __init__(self, conn: mpc.Connection, heartbeat_interval: float):
+        self.conn = conn
+        self.heartbeat_interval = heartbeat_interval
+        self._send_lock = threading.Lock()
+        self.runner = None
+        self._heartbeat_task = None
+
+    def send(self, message: Message) -> None:
+        with self._send_lock:
+            try:
+                self.conn.send_bytes(message.encode())
+            except (OSError, ValueError):
+                pass  # the supervisor is gone; the reader thread notices EOF and stops the bot
+
+    def attach(self, runner, stop) -> None:
+        """Called by bot.run inside the bot's event loop once the runner exists. (asyncio is
+        imported here and below, not at the top: the supervisor process never needs it.)"""
+        import asyncio
+        self.runner = runner
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._read, args=(loop, stop), name="pipe-reader", daemon=True).start()
+        self._heartbeat_task = loop.create_task(self._heartbeats())   # kept: the loop holds tasks weakly
+
+    @staticmethod
+    def _stop(loop, stop) -> None:
+        with contextlib.suppress(RuntimeError):   # the loop already finished: nothing to stop
+            loop.call_soon_threadsafe(stop.set)
+
+    def ready(self) -> None:
+        self.send(Message(Kind.READY, self.runner.snapshot()))
+
+    async def _heartbeats(self) -> None:
+        import asyncio
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            self.send(Message(Kind.HEARTBEAT, self.runner.snapshot()))
+
+    def _read(self, loop, stop) -> None:
+        while True:
+            try:
+                message = Message.decode(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                log.warning("the supervisor is gone: stopping")
+                self._stop(loop, stop)
+                return
+            except (ValueError, KeyError):
+                continue
+            if message.kind is Kind.STOP:
+                self._stop(loop, stop)
+            elif message.kind in (Kind.STATS, Kind.PING):
+                self.send(Message(Kind.REPLY, self.runner.snapshot(), message.id))
+
+
+def child_main(bot_config: BotConfig, config: Config, pool_max: int, log_level: str, conn: mpc.Connection) -> None:
+    """The entry of a bot process. It always ends the process; it never returns."""
+    code = 1
+    try:
+        prepare_child(f"dims: bot {bot_config.name}", f"dims bot {bot_config.name}")
+        import bot
+        bot.configure_logging(bot_config.name, config.secrets(), log_level)
+        channel = ChildChannel(conn, config.supervisor.heartbeat_interval)
+        code = bot.run(bot_config, config, migrate=False, pool_max=pool_max, signals=(signal.SIGTERM,),
+                       on_serving=channel.attach, on_ready=channel.ready)
+    except BaseException:  # reported, then the process ends with status 1
+        log.exception("bot %s crashed", bot_config.name)
+    finally:
+        logging.shutdown()
+        os._exit(code)
