@@ -317,7 +317,7 @@ def test_database_restart_in_the_middle_of_a_burst_loses_nothing(tmp_path):
 
 
 def test_inbox_stores_a_redelivery_once_and_a_reused_update_id_as_new(db):
-    from bot import Inbox
+    from inbox import Inbox
     Migrator(db).migrate()
     inbox = Inbox(db, "alpha", 7000001)
     first = {"update_id": 5, "message": {"message_id": 1, "text": "/start"}}
@@ -337,7 +337,7 @@ def test_inbox_stores_a_redelivery_once_and_a_reused_update_id_as_new(db):
 
 
 def test_a_handler_that_keeps_failing_is_parked_as_dead_and_the_user_is_told(running_bot, sandbox, roster_db):
-    from bot import MAX_ATTEMPTS
+    from inbox import MAX_ATTEMPTS
     chat = Chat(sandbox, TOKEN, user_id=8008)
     sandbox.fault(TOKEN, "sendMessage", status=400, times=MAX_ATTEMPTS, description="Bad Request: injected fault")
     assert "could not handle that message" in chat.say("/start", timeout=30)["text"]
@@ -389,7 +389,7 @@ def test_a_rejected_token_ends_single_mode_with_status_78(tmp_path, database_url
 
 
 def test_done_updates_are_pruned_after_the_retention_period(db):
-    from bot import Inbox
+    from inbox import Inbox
     Migrator(db).migrate()
     inbox = Inbox(db, "alpha", 7000001)
     inbox.store([{"update_id": n, "message": {"text": str(n)}} for n in (1, 2, 3, 4)])
