@@ -2,6 +2,11 @@
 
 Every process (supervisor, bot children, the operator CLI) calls `load_config()` and gets the
 same `Config`. Precedence is: command-line flag > environment variable > config file > default.
+The file is found by one rule wherever a command is started (`find_config_file`), and a
+relative data directory is taken from the file's own directory, so the CLI finds the supervisor
+it manages from any working directory. A bot's missing `token_env` variable is not an error
+here: it is recorded on the bot (`BotConfig.token_problem`) and is an error only for the
+process that runs that bot, so operator commands run without the bots' tokens.
 Errors are `ConfigError`s that name the file, the key and what was expected; callers turn them
 into exit status 2. Secrets (bot tokens, database passwords) never appear in a repr, an error or
 a log line: `install_log_redaction()` adds a filter that scrubs them from every record.
@@ -65,13 +70,20 @@ class SupervisorConfig(NamedTuple):
 
 class BotConfig(NamedTuple):
     name: str
-    token: str                      # never in a repr
+    token: str                      # never in a repr; "" when token_problem says why there is none
     display_name: str = ""
     admins: tuple[int, ...] = ()
     roster_tags: tuple[str, ...] = ()
+    token_problem: str | None = None  # e.g. "dims.toml: bots[0].token_env: environment variable X is not set"
 
     def __repr__(self) -> str:
         return f"BotConfig(name={self.name!r}, display_name={self.display_name!r})"
+
+    def require_token(self) -> str:
+        """The token, or ConfigError saying why this process has none."""
+        if self.token_problem:
+            raise ConfigError(self.token_problem)
+        return self.token
 
 
 class Config(NamedTuple):
@@ -81,10 +93,14 @@ class Config(NamedTuple):
     telegram: TelegramConfig
     supervisor: SupervisorConfig
     bots: tuple[BotConfig, ...]
+    data_dir_source: str = ""       # how data_dir was chosen, for messages that name it
 
     @property
     def socket_path(self) -> Path:
         return Path(self.supervisor.socket) if self.supervisor.socket else self.data_dir / "dims.sock"
+
+    def bots_without_token(self) -> list[BotConfig]:
+        return [bot for bot in self.bots if bot.token_problem]
 
     def bot(self, name: str) -> BotConfig:
         for bot in self.bots:
@@ -196,14 +212,26 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def find_config_file(explicit: str | os.PathLike | None, env: Mapping[str, str]) -> Path | None:
-    """--config, else $DIMS_CONFIG, else ./dims.toml when it exists."""
+INSTALLATION = Path(__file__).resolve().parent   # where DIMS's own files are (the launchers' real path)
+
+
+def config_candidates(explicit: str | os.PathLike | None, env: Mapping[str, str]) -> list[Path]:
+    """Where the configuration file is looked for, in order: --config, $DIMS_CONFIG, ./dims.toml,
+    then the dims.toml of the installation (beside the real path of `dims` and main.py)."""
     if explicit:
-        return Path(explicit)
+        return [Path(explicit)]
     if env.get("DIMS_CONFIG"):
-        return Path(env["DIMS_CONFIG"])
-    default = Path("dims.toml")
-    return default if default.exists() else None
+        return [Path(env["DIMS_CONFIG"])]
+    return [Path("dims.toml"), INSTALLATION / "dims.toml"]
+
+
+def find_config_file(explicit: str | os.PathLike | None, env: Mapping[str, str]) -> Path | None:
+    """The file `config_candidates` names first: an explicit one always (it must exist), else the
+    first that exists, else None."""
+    candidates = config_candidates(explicit, env)
+    if explicit or env.get("DIMS_CONFIG"):
+        return candidates[0]
+    return next((path for path in candidates if path.exists()), None)
 
 
 def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
@@ -238,16 +266,27 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
         sections["supervisor"]["socket"] = env["DIMS_SOCKET"]
     supervisor = SupervisorConfig(**sections["supervisor"])
 
-    if data_dir or env.get("DIMS_DATA_DIR"):
-        chosen_dir = Path(data_dir or env["DIMS_DATA_DIR"])
-    elif "data_dir" in top:  # relative to the file that names it
-        chosen_dir = file_path.parent / top["data_dir"]
-    else:
-        chosen_dir = Path("var")
+    chosen_dir, source = _data_dir(data_dir, env, top, file_path)
 
     bots = _bots(check, raw.get("bots", []), env)
     return Config(path=file_path, data_dir=chosen_dir.absolute(), database=database,
-                  telegram=telegram, supervisor=supervisor, bots=bots)
+                  telegram=telegram, supervisor=supervisor, bots=bots, data_dir_source=source)
+
+
+def _data_dir(explicit: str | os.PathLike | None, env: Mapping[str, str], top: dict[str, Any],
+              file_path: Path | None) -> tuple[Path, str]:
+    """The data directory and how it was chosen: --data-dir or DIMS_DATA_DIR, else the file's
+    data_dir (relative to the file), else var beside the file, else var in the working directory."""
+    if explicit:
+        return Path(explicit), "given on the command line"
+    if env.get("DIMS_DATA_DIR"):
+        return Path(env["DIMS_DATA_DIR"]), "from DIMS_DATA_DIR"
+    if "data_dir" in top:
+        return file_path.parent / top["data_dir"], f"data_dir in {file_path}"
+    if file_path is not None:
+        return file_path.parent / "var", f"the default, var beside {file_path}"
+    looked = " and ".join(str(p) for p in config_candidates(None, env))
+    return Path("var"), f"the default, var in the working directory: no configuration file ({looked}) exists"
 
 
 def _database(check: _Checker, values: dict[str, Any], env: Mapping[str, str]) -> DatabaseConfig:
@@ -275,7 +314,7 @@ def _bots(check: _Checker, raw_bots: Any, env: Mapping[str, str]) -> tuple[BotCo
             raise check.fail(f"{where}.name", f"{name!r} must match ^[a-z0-9_-]{{1,32}}$")
         if any(b.name == name for b in bots):
             raise check.fail(f"{where}.name", f"{name!r} is used by another bot")
-        token = _token(check, where, values, env)
+        token, token_problem = _token(check, where, values, env)
         admins = values.get("admins", [])
         if not all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in admins):
             raise check.fail(f"{where}.admins", "expected a list of Telegram user ids (positive integers)")
@@ -283,7 +322,7 @@ def _bots(check: _Checker, raw_bots: Any, env: Mapping[str, str]) -> tuple[BotCo
         if not all(isinstance(t, str) and re.fullmatch(r"[a-z0-9_-]{1,32}", t) for t in tags):
             raise check.fail(f"{where}.roster_tags", "expected a list of tags matching [a-z0-9_-]{1,32}")
         bots.append(BotConfig(name=name, token=token, display_name=values.get("display_name") or name.title(),
-                              admins=tuple(admins), roster_tags=tuple(tags)))
+                              admins=tuple(admins), roster_tags=tuple(tags), token_problem=token_problem))
     if not bots and env.get("BOT_TOKEN"):
         token = env["BOT_TOKEN"].strip()
         if not TOKEN_RE.match(token):
@@ -292,14 +331,16 @@ def _bots(check: _Checker, raw_bots: Any, env: Mapping[str, str]) -> tuple[BotCo
     return tuple(bots)
 
 
-def _token(check: _Checker, where: str, values: dict[str, Any], env: Mapping[str, str]) -> str:
+def _token(check: _Checker, where: str, values: dict[str, Any], env: Mapping[str, str]) -> tuple[str, str | None]:
+    """(token, None), or ("", why there is none) when its environment variable is not set: that
+    is an error only for the process that runs the bot (`BotConfig.require_token`)."""
     if "token" in values and "token_env" in values:
         raise check.fail(f"{where}.token", "set either token or token_env, not both")
     if "token_env" in values:
         var = values["token_env"]
         token = env.get(var, "").strip()
         if not token:
-            raise check.fail(f"{where}.token_env", f"environment variable {var} is not set or empty")
+            return "", str(check.fail(f"{where}.token_env", f"environment variable {var} is not set or empty"))
         source = f"environment variable {var} (from {where}.token_env)"
     elif "token" in values:
         token, source = values["token"].strip(), f"{where}.token"
@@ -308,7 +349,7 @@ def _token(check: _Checker, where: str, values: dict[str, Any], env: Mapping[str
     if not TOKEN_RE.match(token):
         raise ConfigError(f"{check.source}: {source}: does not look like a Telegram bot token "
                           "(expected digits:letters)")
-    return token
+    return token, None
 
 
 # --------------------------------------------------------------------------- secrets
