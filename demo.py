@@ -73,12 +73,23 @@ def seed_roster(config: Config) -> int:
 
 def instructions(config: Config, sandbox_url: str) -> str:
     names = ", ".join(f"{b.name} ({b.display_name})" for b in config.bots)
+    dims = _launcher()
     return f"""
 DIMS demo: {len(config.bots)} bots ({names}) on a local Telegram sandbox at {sandbox_url}
-  talk to a bot:   python enhanced_ipc_commands.py chat alpha      (you are user {DEMO_USER}, an admin of alpha)
+  talk to a bot:   {dims} chat alpha      (you are user {DEMO_USER}, an admin of alpha)
                    then try /start, /girls, /find music, /help; #N presses button N
-  see the fleet:   python enhanced_ipc_commands.py bot_list
-  check health:    python enhanced_ipc_commands.py system_health
+                   (the same: python3 enhanced_ipc_commands.py chat alpha)
+  see the fleet:   {dims} bot_list
+  check health:    {dims} system_health
   stop the demo:   Ctrl-C here (the embedded PostgreSQL stays up for the next run;
-                   python enhanced_ipc_commands.py db_stop stops it)
+                   {dims} db_stop stops it)
 """.rstrip("\n")
+
+
+def _launcher() -> str:
+    """The `dims` launcher as the operator can type it from here."""
+    launcher = Path(__file__).resolve().parent / "dims"
+    try:
+        return f"./{launcher.relative_to(Path.cwd().resolve())}"
+    except ValueError:
+        return str(launcher)
