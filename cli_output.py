@@ -1,19 +1,19 @@
 """How the operator CLI shows a result to a person: a function per command, named after it
-(`bot_change` serves bot_start, bot_stop and bot_restart), from the command's result object to the text printed without `--json` (mostly a short aligned
-table); and the roster as the text of a JSON or CSV file, as `girls_export` writes it.
+(`bot_change` serves bot_start, bot_stop and bot_restart), from the command's result object to
+the text printed without `--json` (mostly a short aligned table).
 
-Pure functions of their arguments (the standard library, and `control` for the cache_stats
-fields); `enhanced_ipc_commands` imports this module as `show`. Kept apart from it because Python compiles the script it is started with on
-every run but loads imported modules from cached bytecode: what the script does not hold, an
-operator command does not wait for.
+Pure functions of their arguments (the standard library, `control` for the cache_stats fields,
+`roster_files` for an export shown on stdout); `enhanced_ipc_commands` imports this module as
+`show`. Kept apart from it because Python compiles the script it is started with on every run
+but loads imported modules from cached bytecode: what the script does not hold, an operator
+command does not wait for.
 """
 
 from __future__ import annotations
 
-import io
-import json
 from typing import Any
 
+import roster_files
 from control import CACHE_FIELDS
 
 
@@ -130,23 +130,6 @@ def db_stop(result: dict[str, Any]) -> str:
     return f"stopped the embedded PostgreSQL (pid {result['pid']}) in {result['data']}{forced}"
 
 
-ROSTER_CSV_COLUMNS = ("name", "bio", "tags", "photo", "visible", "created_at", "updated_at")
-
-
-def render_roster(rows: list[dict[str, Any]], file_format: str) -> str:
-    """Exported rows as the text of a JSON or CSV file (which girls_import reads back)."""
-    if file_format == "json":
-        return json.dumps(rows, ensure_ascii=False, indent=2) + "\n"
-    import csv
-    out = io.StringIO()
-    writer = csv.DictWriter(out, ROSTER_CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**row, "tags": ",".join(row["tags"]), "photo": row["photo"] or "",
-                         "visible": "true" if row["visible"] else "false"})
-    return out.getvalue()
-
-
 def girls_list(result: dict[str, Any]) -> str:
     rows = [{**girl, "visible": "yes" if girl["visible"] else "no", "tags": ",".join(girl["tags"]),
              "bio": shorten(girl["bio"], 40)} for girl in result["girls"]]
@@ -167,5 +150,5 @@ def girls_export(result: dict[str, Any]) -> str:
     """Without --output the data itself is the output, with or without --json."""
     if "output" in result:
         return f"exported {result['count']} profiles to {result['output']} ({result['format']})"
-    text = result["csv"] if result["format"] == "csv" else render_roster(result["girls"], "json")
+    text = result["csv"] if result["format"] == "csv" else roster_files.render(result["girls"], "json")
     return text.removesuffix("\n")

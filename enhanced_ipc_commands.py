@@ -22,11 +22,14 @@ import json
 import sys
 import time
 from multiprocessing import AuthenticationError
+from pathlib import Path
 from typing import Any, Callable, NamedTuple, TextIO
 
 import cli_output as show
-from config import Config, ConfigError, install_log_redaction, load_config
+import roster_files
+from config import INSTALLATION, Config, ConfigError, install_log_redaction, load_config
 from control import KEY_FILE, read_authkey, request
+from version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_SUPERVISOR = 0, 1, 2, 3
 
@@ -38,6 +41,19 @@ class CommandError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.payload = payload or {}
+
+
+class MissingRequirement(CommandError):
+    """This interpreter lacks a package the command needs (psycopg2 for the database commands)."""
+
+    def __init__(self, exc: ModuleNotFoundError):
+        requirements = INSTALLATION / "requirements.txt"
+        super().__init__(f"this command needs the Python package {exc.name!r}, which is not installed for "
+                         f"{sys.executable}: run {INSTALLATION / 'run'} once (it installs DIMS's requirements "
+                         f"into {VENV}), or: {sys.executable} -m pip install -r {requirements}", EXIT_USAGE)
+
+
+VENV = INSTALLATION / ".venv"
 
 
 class EnhancedIPCCommands:
@@ -58,7 +74,10 @@ class EnhancedIPCCommands:
 
     def _database(self, role: str = "cli"):
         self._start_logging()
-        from multiprocess_connection_manager import DatabaseIntegrationManager
+        try:
+            from multiprocess_connection_manager import DatabaseIntegrationManager
+        except ModuleNotFoundError as exc:
+            raise MissingRequirement(exc) from None
         return DatabaseIntegrationManager(self.config, role=role, pool_max=1)
 
     def db_status(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
@@ -154,6 +173,13 @@ class EnhancedIPCCommands:
         finally:
             manager.shutdown()
 
+    @staticmethod
+    def _roster_file(action: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return action(*args)
+        except roster_files.RosterFileError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+
     def girls_list(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         profiles = self._with_roster(lambda roster: roster.all_profiles())
         return EXIT_OK, {"girls": [p.as_dict() for p in profiles if args.all or p.visible]}
@@ -163,7 +189,7 @@ class EnhancedIPCCommands:
         return EXIT_OK, {"girl": profile.as_dict()}
 
     def girls_import(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
-        rows, file_format = read_roster_file(args.file)
+        rows, file_format = self._roster_file(roster_files.read, args.file)
         counts = self._with_roster(lambda roster: roster.import_profiles(rows, replace=args.replace))
         return EXIT_OK, {"file": args.file, "format": file_format, "replace": args.replace, **counts}
 
@@ -172,10 +198,10 @@ class EnhancedIPCCommands:
         rows = self._with_roster(lambda roster: roster.export())
         result: dict[str, Any] = {"format": file_format, "count": len(rows)}
         if args.output:
-            write_roster_file(args.output, show.render_roster(rows, file_format))
+            self._roster_file(roster_files.write, args.output, roster_files.render(rows, file_format))
             result["output"] = args.output
         elif file_format == "csv":
-            result["csv"] = show.render_roster(rows, "csv")
+            result["csv"] = roster_files.render(rows, "csv")
         else:
             result["girls"] = rows
         return EXIT_OK, result
@@ -187,13 +213,13 @@ class EnhancedIPCCommands:
         path = self.config.socket_path
         key = read_authkey(self.config.data_dir)
         if not path.exists() or key is None:
-            raise CommandError(f"the supervisor is not running (no control socket at {path}); "
-                               "start it with: python main.py", EXIT_NO_SUPERVISOR)
+            raise CommandError(f"the supervisor is not running (no control socket at {path}; {self._where()}); "
+                               f"start it with: python3 {INSTALLATION / 'main.py'}", EXIT_NO_SUPERVISOR)
         try:
             answer = request(path, key, {**payload, "timeout": timeout}, timeout=timeout + 5)
         except (ConnectionRefusedError, FileNotFoundError, EOFError):
-            raise CommandError(f"the supervisor is not running (nothing answers on {path}); "
-                               "start it with: python main.py", EXIT_NO_SUPERVISOR) from None
+            raise CommandError(f"the supervisor is not running (nothing answers on {path}; {self._where()}); "
+                               f"start it with: python3 {INSTALLATION / 'main.py'}", EXIT_NO_SUPERVISOR) from None
         except AuthenticationError:
             raise CommandError(f"the supervisor on {path} refused the key in {self.config.data_dir / KEY_FILE}: "
                                "it runs with another data directory (data_dir, DIMS_DATA_DIR)") from None
@@ -203,6 +229,15 @@ class EnhancedIPCCommands:
             raise CommandError(answer.get("reason", "the supervisor refused"), answer.get("code", EXIT_FAILED),
                                payload={k: v for k, v in answer.items() if k not in ("status", "reason")})
         return answer
+
+    def _where(self) -> str:
+        """Which data directory this CLI looked in and why, with a hint when the installation's
+        own data directory has a supervisor's socket and this one has none."""
+        where = f"data directory {self.config.data_dir}, {self.config.data_dir_source}"
+        beside = INSTALLATION / "var" / "dims.sock"
+        if self.config.path is None and beside.exists() and beside != self.config.socket_path:
+            where += f"; a supervisor's socket is at {beside}: set DIMS_DATA_DIR={beside.parent} to manage it"
+        return where
 
     def bot_list(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         answer = self._supervisor({"command": "bot_list"})
@@ -291,15 +326,36 @@ class EnhancedIPCCommands:
         demo = config.data_dir / "demo.toml"
         if not any(b.name == args.name for b in config.bots) and demo.exists():
             config = load_config(demo)   # the demo's bots, while `python main.py` runs the demo
+        if not any(b.name == args.name for b in config.bots):
+            known = ", ".join(b.name for b in config.bots) or "none"
+            raise CommandError(f"bot {args.name!r} is not configured (known: {known}); the demo's bots (alpha, beta) "
+                               f"exist while the demo runs: start it with python3 {INSTALLATION / 'main.py'} "
+                               f"(no bot configured), then chat again ({self._where()})", EXIT_USAGE)
         bot = config.bot(args.name)
+        token = bot.require_token()
         api_url = config.telegram.api_url
         if not api_url.endswith("/bot") or "api.telegram.org" in api_url:
             raise CommandError(f"chat talks to the Telegram sandbox, but bot {bot.name} uses {api_url}; "
                                "use a real Telegram client for it", EXIT_USAGE)
         self._start_logging(config)
-        import telegram_sandbox
-        code = telegram_sandbox.chat(api_url[: -len("/bot")], bot.token, user_id=args.user_id)
+        from telegram_sandbox.chat import chat
+        code = chat(api_url[: -len("/bot")], token, user_id=args.user_id,
+                    describe_silence=lambda: self._bot_state(bot.name))
         return code, {"bot": bot.name}
+
+    def _bot_state(self, name: str) -> str | None:
+        """What the supervisor says of a bot that does not answer, for chat's note."""
+        try:
+            rows = self._supervisor({"command": "bot_list"}, timeout=3)["bots"]
+        except CommandError as exc:
+            return str(exc)
+        row = next((r for r in rows if r["name"] == name), None)
+        if row is None:
+            return f"the supervisor runs no bot {name!r}"
+        if row["state"] == "RUNNING":
+            return f"bot {name} is RUNNING" + (f" but {row['problem']}" if row.get("problem") else "")
+        detail = "stopped by an operator; bot_start starts it" if row["wanted"] == "stopped" else row["last_error"]
+        return f"bot {name} is {row['state']}" + (f" ({detail})" if detail else "")
 
 
 _CONNECTIONS_SQL = """
@@ -331,67 +387,17 @@ _INBOX_SQL = """
 
 
 def _bot_health(row: dict[str, Any], heartbeat_timeout: float) -> dict[str, Any]:
-    health = {"name": row["name"], "state": row["state"], "status": "ok"}
+    """One bot's health: ok (reason null), degraded or down, with the reason."""
+    health = {"name": row["name"], "state": row["state"], "status": "ok", "reason": None}
     if row["wanted"] == "stopped":
         health["reason"] = "stopped by an operator"
     elif row["state"] != "RUNNING":
         health.update(status="down", reason=f"{row['state']}" + (f": {row['last_error']}" if row["last_error"] else ""))
     elif row["heartbeat_age_s"] is None or row["heartbeat_age_s"] > heartbeat_timeout:
         health.update(status="degraded", reason=f"no heartbeat for {row['heartbeat_age_s']} s")
+    elif row.get("problem"):
+        health.update(status="degraded", reason=row["problem"])
     return health
-
-
-# --------------------------------------------------------------------------- roster files
-
-_CSV_OPTIONAL = ("visible", "created_at", "updated_at")  # an empty cell: keep or default
-
-
-def read_roster_file(path: str) -> tuple[list[Any], str]:
-    """The rows of a JSON file (an array, or {"girls": [...]}) or, for *.csv, a CSV file with a
-    header. A file that is missing or unparsable is a usage error (exit 2) naming the file."""
-    file_format = "csv" if path.lower().endswith(".csv") else "json"
-    try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            return (_csv_rows(path, fh) if file_format == "csv" else _json_rows(path, fh.read())), file_format
-    except OSError as exc:
-        raise CommandError(f"cannot read {path}: {exc.strerror}", EXIT_USAGE) from None
-    except UnicodeDecodeError:
-        raise CommandError(f"{path}: not UTF-8 text", EXIT_USAGE) from None
-
-
-def _json_rows(path: str, text: str) -> list[Any]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CommandError(f"{path}: not valid JSON: {exc}", EXIT_USAGE) from None
-    if isinstance(data, dict) and isinstance(data.get("girls"), list):
-        data = data["girls"]  # what `girls_export --json` prints
-    if not isinstance(data, list):
-        raise CommandError(f"{path}: expected a JSON array of profiles", EXIT_USAGE)
-    return data
-
-
-def _csv_rows(path: str, fh: TextIO) -> list[dict[str, Any]]:
-    import csv  # here, not at the top: only the roster file commands need it
-    try:
-        reader = csv.DictReader(fh, restkey="cells beyond the header")
-        header = reader.fieldnames or []
-        if "name" not in header or not set(header) <= set(show.ROSTER_CSV_COLUMNS):
-            raise CommandError(f"{path}: the CSV header must have a name column and only these: "
-                               f"{', '.join(show.ROSTER_CSV_COLUMNS)} (it has: {', '.join(header) or 'nothing'})",
-                               EXIT_USAGE)
-        return [{key: value for key, value in row.items()
-                 if value is not None and not (value == "" and key in _CSV_OPTIONAL)} for row in reader]
-    except csv.Error as exc:
-        raise CommandError(f"{path}: not valid CSV: {exc}", EXIT_USAGE) from None
-
-
-def write_roster_file(path: str, text: str) -> None:
-    try:
-        with open(path, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-    except OSError as exc:
-        raise CommandError(f"cannot write {path}: {exc.strerror}", EXIT_USAGE) from None
 
 
 # --------------------------------------------------------------------------- arguments and the command table
@@ -412,13 +418,13 @@ def _girls_list_arguments(parser: argparse.ArgumentParser) -> None:
 def _girls_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", metavar="NAME")
     parser.add_argument("--bio", default="", metavar="TEXT")
-    parser.add_argument("--tags", default="", metavar="a,b", help="comma- or space-separated tags")
+    parser.add_argument("--tags", default="", metavar="a,b", help="comma-separated tags")
     parser.add_argument("--photo", metavar="URL", help="an http(s) URL or a Telegram file id")
 
 
 def _girls_import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="a JSON array of profiles; CSV with a header "
-                        f"({','.join(show.ROSTER_CSV_COLUMNS)}) when it ends in .csv")
+                        f"({','.join(roster_files.CSV_COLUMNS)}) when it ends in .csv")
     parser.add_argument("--replace", action="store_true", help="also delete the profiles the file does not name")
 
 
@@ -518,6 +524,7 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser for every command, or with only the subparser of `only` (see `named_command`)."""
     parser = ArgumentParser(description="DIMS operator commands", parents=[_common_options(defaults=True)])
+    parser.add_argument("--version", action="version", version=f"DIMS {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     after = _common_options(defaults=False)
     for name, command in COMMANDS.items():
@@ -541,15 +548,27 @@ def named_command(argv: list[str]) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+def _suggestion(argv: list[str]) -> str:
+    """"; did you mean bot_list?" for a command name that is close to a real one, else ""."""
+    word = next((w for w in argv if not w.startswith("-") and w not in COMMANDS), None)
+    if word is None or any(w in COMMANDS for w in argv):
+        return ""
+    import difflib   # only on this error path
+    close = difflib.get_close_matches(word, COMMANDS, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
+         allow_reexec: bool = False) -> int:
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser(only=named_command(argv)).parse_args(argv)
     except UsageError as exc:
-        print(f"{exc.usage}{exc.prog}: error: {exc}", file=stderr)   # as argparse prints it
+        message = f"{exc}{_suggestion(argv)}"
+        print(f"{exc.usage}{exc.prog}: error: {message}", file=stderr)   # as argparse prints it
         if "--json" in argv:
-            print(json.dumps({"error": str(exc)}), file=stdout)
+            print(json.dumps({"error": message}), file=stdout)
         return EXIT_USAGE
     except SystemExit as exc:  # --help
         return EXIT_USAGE if exc.code else EXIT_OK
@@ -560,6 +579,13 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
             status, result = command.run(EnhancedIPCCommands(config, stderr), args)
         except ConfigError as exc:
             raise CommandError(f"configuration error: {exc}", EXIT_USAGE) from None
+    except MissingRequirement as exc:
+        if allow_reexec:
+            _reexec_in_environment(argv)   # returns only when there is no such environment
+        if args.json:
+            print(json.dumps({"error": str(exc)}), file=stdout)
+        print(f"{args.command}: {exc}", file=stderr)
+        return exc.exit_code
     except CommandError as exc:
         if args.json:
             print(json.dumps({"error": str(exc), **exc.payload}, default=str), file=stdout)
@@ -574,14 +600,27 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
     return status
 
 
+def _reexec_in_environment(argv: list[str]) -> None:
+    """Run this command again with the Python of the installation's virtual environment (made by
+    `./run`), when there is one and it is not us: the database commands need its packages."""
+    import os
+    python = VENV / "bin" / "python"
+    if not python.exists() or Path(sys.prefix).resolve() == VENV.resolve():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(python, [str(python), str(INSTALLATION / "enhanced_ipc_commands.py"), *argv])
+
+
 def run() -> None:
     """Run `main()` on the process's arguments and exit with its status - the entry point of this
-    script and of the `dims` launcher.
+    script and of the `dims` launcher. A command that needs a package this Python lacks is run
+    again by the installation's virtual environment, when it has one.
 
     The exit skips the interpreter's final garbage collection: a sweep over every object the
     imports made, about 7 ms, a tenth of a `bot_list`. Reference counting still frees and closes
     everything on the way out (and exit handlers run); only cyclic garbage is left to the OS."""
-    status = main()
+    status = main(allow_reexec=True)
     import gc
     gc.freeze()
     sys.exit(status)

@@ -21,8 +21,10 @@ from telegram_sandbox import Sandbox
 from tests.conftest import ROOT
 from tests.support import TOKENS, Chat, DimsProcess, dims_env, write_config
 
-LAYERS = ["config", "multiprocess_connection_manager", "girls_manager", "bot", "supervisor",
-          "enhanced_ipc_commands", "telegram_sandbox", "demo", "main"]
+LAYERS = ["config", "backoff", "states", "version", "pipe_protocol", "process_setup", "control", "host",
+          "multiprocess_connection_manager", "girls_manager", "inbox", "handlers", "bot", "bot_process",
+          "database_agent", "supervisor", "roster_files", "cli_output", "enhanced_ipc_commands", "telegram_sandbox",
+          "demo", "main"]
 
 
 def cli(*args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
