@@ -285,8 +285,8 @@ def test_root_without_a_reachable_data_dir_puts_the_cluster_where_postgres_can_r
 
 
 def test_missing_postgres_binaries_give_install_advice(monkeypatch):
-    import multiprocess_connection_manager as mcm
+    import embedded_postgres
     monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setattr(mcm, "_BIN_GLOBS", ())
+    monkeypatch.setattr(embedded_postgres, "_BIN_GLOBS", ())
     with pytest.raises(DatabaseError, match="apt-get install postgresql.*DATABASE_URL"):
-        mcm.find_postgres_bin()
+        embedded_postgres.find_postgres_bin()
