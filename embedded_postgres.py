@@ -7,7 +7,7 @@ server. As root it runs the server as the `postgres` OS user. `stop()` is a fast
 
 Called by the start-up path (`multiprocess_connection_manager`, which re-exports it for the CLI's
 `db_stop` and `system_health`), the test fixtures and the benchmarks. Imports the standard
-library, psycopg2 and `db_pool` (for `DatabaseError`); never the migrator, the
+library, psycopg2, `backoff` and `db_pool` (for `DatabaseError`); never the migrator, the
 start-up path, `config` or telegram.
 """
 
@@ -32,6 +32,7 @@ from typing import Any
 
 import psycopg2
 
+from backoff import Backoff
 from db_pool import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ _BIN_GLOBS = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin", "/usr/local/pgsql
               "/opt/homebrew/opt/postgresql*/bin", "/usr/local/opt/postgresql*/bin",
               "/Applications/Postgres.app/Contents/Versions/*/bin")
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for ".s.PGSQL.5432"
+LOCK_POLL_FIRST = 0.01  # s: the first wait for the start-up lock; the waits double from here
+LOCK_POLL_CAP = 0.1     # s: and stop growing here, so a released lock is taken soon
 
 
 def find_postgres_bin() -> Path:
@@ -240,12 +243,19 @@ def _server_locale() -> str:
 
 
 def _flock(fh: Any, timeout: float) -> None:
+    """Take an exclusive lock on `fh`, waiting up to `timeout` s for another process to let go.
+
+    The holder is usually starting the server (a few seconds at most), so the waits start short
+    and stay small: the lock is taken soon after it is released.
+    """
     deadline = time.monotonic() + timeout
+    delays = Backoff(LOCK_POLL_FIRST, LOCK_POLL_CAP)
     while True:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise DatabaseError(f"timed out after {timeout:g} s waiting for {fh.name}") from None
-            time.sleep(0.05)
+            time.sleep(min(delays.next(), remaining))

@@ -3,11 +3,13 @@ sessions, concurrent migrators, drift, and the embedded server."""
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 import pwd
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import psycopg2
@@ -290,3 +292,23 @@ def test_missing_postgres_binaries_give_install_advice(monkeypatch):
     monkeypatch.setattr(embedded_postgres, "_BIN_GLOBS", ())
     with pytest.raises(DatabaseError, match="apt-get install postgresql.*DATABASE_URL"):
         embedded_postgres.find_postgres_bin()
+
+
+def test_the_start_up_lock_is_taken_once_its_holder_lets_go_and_given_up_at_the_deadline(tmp_path):
+    from embedded_postgres import _flock
+    path = tmp_path / "postgres.lock"
+    with open(path, "a") as holder, open(path, "a") as waiter:   # two open files: flock treats them apart
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(DatabaseError, match=r"timed out after 0.3 s waiting for .*postgres\.lock"):
+            _flock(waiter, 0.3)
+        assert 0.3 <= time.monotonic() - started < 5
+
+        release = threading.Timer(0.2, fcntl.flock, (holder, fcntl.LOCK_UN))
+        release.start()
+        started = time.monotonic()
+        _flock(waiter, 60)
+        release.join()
+        assert time.monotonic() - started < 10, "the released lock was taken long before the deadline"
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)   # and it is the waiter's now
