@@ -3,11 +3,15 @@ sessions, concurrent migrators, drift, and the embedded server."""
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
 import os
 import pwd
 import shutil
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import psycopg2
@@ -18,7 +22,7 @@ from multiprocess_connection_manager import (
     ConnectionManager, DatabaseError, DatabaseIntegrationManager, EmbeddedPostgres, MigrationError,
     Migrator, PoolTimeout, discover_migrations,
 )
-from tests.conftest import reachable_tempdir
+from tests.conftest import ROOT, reachable_tempdir
 
 # --------------------------------------------------------------------------- the pool
 
@@ -285,8 +289,69 @@ def test_root_without_a_reachable_data_dir_puts_the_cluster_where_postgres_can_r
 
 
 def test_missing_postgres_binaries_give_install_advice(monkeypatch):
-    import multiprocess_connection_manager as mcm
+    import embedded_postgres
     monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setattr(mcm, "_BIN_GLOBS", ())
+    monkeypatch.setattr(embedded_postgres, "_BIN_GLOBS", ())
     with pytest.raises(DatabaseError, match="apt-get install postgresql.*DATABASE_URL"):
-        mcm.find_postgres_bin()
+        embedded_postgres.find_postgres_bin()
+
+
+def test_the_start_up_lock_is_taken_once_its_holder_lets_go_and_given_up_at_the_deadline(tmp_path):
+    from embedded_postgres import _flock
+    path = tmp_path / "postgres.lock"
+    with open(path, "a") as holder, open(path, "a") as waiter:   # two open files: flock treats them apart
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(DatabaseError, match=r"timed out after 0.3 s waiting for .*postgres\.lock"):
+            _flock(waiter, 0.3)
+        assert 0.3 <= time.monotonic() - started < 5
+
+        release = threading.Timer(0.2, fcntl.flock, (holder, fcntl.LOCK_UN))
+        release.start()
+        started = time.monotonic()
+        _flock(waiter, 60)
+        release.join()
+        assert time.monotonic() - started < 10, "the released lock was taken long before the deadline"
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)   # and it is the waiter's now
+
+
+# --------------------------------------------------------------------------- the layer's shape
+
+LAYER = ("db_pool", "migrator", "embedded_postgres", "multiprocess_connection_manager")
+MUST_NOT_LOAD = {   # each file's docstring says what it must not import; a fresh interpreter checks
+    "db_pool": {"migrator", "embedded_postgres", "multiprocess_connection_manager", "telegram"},
+    "migrator": {"embedded_postgres", "multiprocess_connection_manager", "telegram"},
+    "embedded_postgres": {"migrator", "multiprocess_connection_manager", "telegram"},
+    "multiprocess_connection_manager": {"telegram", "girls_manager", "bot", "supervisor"},
+}
+
+
+@pytest.mark.parametrize("module", LAYER)
+def test_each_database_file_imports_only_what_sits_below_it(module):
+    probe = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(sys.modules[{module!r}].__doc__ "
+                            "is not None); print(' '.join(sorted(m.split('.')[0] for m in sys.modules)))"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    has_docstring, loaded = probe.stdout.splitlines()
+    assert has_docstring == "True", f"{module} opens with a docstring"
+    assert not MUST_NOT_LOAD[module] & set(loaded.split()), f"{module} loaded {MUST_NOT_LOAD[module] & set(loaded.split())}"
+
+
+def test_callers_find_every_database_name_on_the_face():
+    import db_pool
+    import embedded_postgres
+    import migrator
+    import multiprocess_connection_manager as face
+    homes: dict[str, object] = {}
+    for module in (db_pool, migrator, embedded_postgres):   # lowest first: a name's home is where it is defined
+        for name in vars(module):
+            homes.setdefault(name, module)
+    assert {"ConnectionManager", "Transaction", "DatabaseError", "PoolTimeout", "MigrationError",
+            "is_database_outage", "Migrator", "discover_migrations", "EmbeddedPostgres",
+            "DatabaseIntegrationManager"} <= set(face.__all__)
+    for name in face.__all__:
+        if name in homes:
+            assert getattr(face, name) is getattr(homes[name], name), f"{name} is the same object as in its home"
+        else:
+            assert getattr(face, name).__module__ == face.__name__, name
