@@ -21,8 +21,8 @@ from telegram_sandbox import Sandbox
 from tests.conftest import ROOT
 from tests.support import TOKENS, Chat, DimsProcess, dims_env, write_config
 
-LAYERS = ["config", "multiprocess_connection_manager", "girls_manager", "bot", "supervisor",
-          "enhanced_ipc_commands", "telegram_sandbox", "demo", "main"]
+LAYERS = ["config", "multiprocess_connection_manager", "backoff", "roster_rules", "roster_cache", "girls_manager",
+          "bot", "supervisor", "enhanced_ipc_commands", "telegram_sandbox", "demo", "main"]
 
 
 def cli(*args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
