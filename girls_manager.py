@@ -157,7 +157,7 @@ class GirlsManager:
                                values, values["name"], conflict=values["name"])
 
     def edit(self, name: str, field: str, value: str) -> Profile:
-        """Set one of EDITABLE_FIELDS; tags as "a,b c"; photo "-" or "" clears it."""
+        """Set one of EDITABLE_FIELDS; tags as text "a, b" (commas only); photo "-" or "" clears it."""
         field = field.strip().lower()
         if field not in EDITABLE_FIELDS:
             raise RosterError(f"cannot edit {quoted(field)}; editable fields: {', '.join(EDITABLE_FIELDS)}")

@@ -121,9 +121,13 @@ def clean_bio(value: Any) -> str:
 
 
 def clean_tags(value: Any) -> tuple[str, ...]:
-    """Tags from a list, or from text like "a,b c": lower-cased, de-duplicated, in order."""
+    """Tags from a list, or from text like "a, b": lower-cased, de-duplicated, in order.
+
+    Text is separated by commas only, each piece trimmed and empty pieces ignored: a space is
+    part of its piece, so "Bad Tag" is refused as one tag rather than taken as two.
+    """
     if isinstance(value, str):
-        raw = [t for t in re.split(r"[,\s]+", value) if t]
+        raw = [piece.strip() for piece in value.split(",") if piece.strip()]
     elif isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
         raw = list(value)
     else:

@@ -74,11 +74,41 @@ def test_each_limit_is_refused_with_a_message_that_says_what_to_change(fields, m
 def test_values_at_the_limits_are_accepted_trimmed_and_normalised(roster):
     longest = roster.add("  " + "N" * 64 + "  ", bio="b" * 1000, tags=[f"t{i}" for i in range(10)], photo=FILE_ID)
     assert (longest.name, len(longest.bio), len(longest.tags), longest.photo) == ("N" * 64, 1000, 10, FILE_ID)
-    tagged = roster.add("Ann", bio="line one\r\nline two", tags="Red, blue red  GREEN", photo="https://x.example/a.jpg")
+    tagged = roster.add("Ann", bio="line one\r\nline two", tags="Red, blue,red ,  GREEN", photo="https://x.example/a.jpg")
     assert tagged.tags == ("red", "blue", "green")
     assert roster.add("Bea", tags=(t for t in ["X", "y"])).tags == ("x", "y")
     assert tagged.bio == "line one\nline two"
     assert tagged.visible is True and tagged.created_at == tagged.updated_at
+
+
+BAD_TAG = "tags: 'Bad Tag' must match [a-z0-9_-]{1,32}"
+
+
+def test_tags_given_as_text_are_separated_by_commas_only_each_piece_trimmed(roster):
+    assert roster.add("Ann", tags="a, b").tags == ("a", "b")
+    assert roster.add("Bea", tags=" , Tea,,walks , ").tags == ("tea", "walks")  # empty pieces are ignored
+    assert roster.edit("Bea", "tags", "x,  y").tags == ("x", "y")
+
+
+def test_a_tag_with_a_space_is_refused_by_add_and_edit_not_split_in_two(roster):
+    with pytest.raises(RosterError) as refused:
+        roster.add("Ann", tags="ok, Bad Tag")
+    assert str(refused.value) == BAD_TAG
+    assert roster.all_profiles() == []
+    roster.add("Bea", tags="tea")
+    with pytest.raises(RosterError) as refused:
+        roster.edit("Bea", "tags", "Bad Tag")
+    assert str(refused.value) == BAD_TAG
+    assert roster.get_any("Bea").tags == ("tea",)
+
+
+def test_an_import_row_whose_tags_text_has_a_space_is_refused_and_nothing_changes(roster):
+    roster.add("Keep", tags="tea")
+    with pytest.raises(ImportRejected) as rejected:
+        roster.import_profiles([{"name": "Ann", "tags": "ok"}, {"name": "Bea", "tags": "Bad Tag"},
+                                {"name": "Keep", "tags": "new"}])
+    assert rejected.value.problems == [f"row 2: {BAD_TAG}"]
+    assert [(p.name, p.tags) for p in roster.all_profiles()] == [("Keep", ("tea",))]
 
 
 def test_a_duplicate_name_is_refused_case_insensitively_naming_the_existing_profile(roster):
@@ -97,7 +127,7 @@ def test_a_duplicate_name_is_refused_case_insensitively_naming_the_existing_prof
 def test_edit_changes_each_field_and_refuses_the_rest(roster):
     roster.add("Ann", bio="old", tags="a", photo=FILE_ID)
     assert roster.edit("ann", "bio", " new bio ").bio == "new bio"
-    assert roster.edit("Ann", "tags", "x,y z").tags == ("x", "y", "z")
+    assert roster.edit("Ann", "tags", "x,y, z").tags == ("x", "y", "z")
     assert roster.edit("Ann", "photo", "https://example.com/p.png").photo == "https://example.com/p.png"
     assert roster.edit("Ann", "photo", "-").photo is None
     roster.edit("Ann", "photo", FILE_ID)
@@ -311,7 +341,7 @@ def test_import_upserts_by_name_and_counts_what_it_did(roster):
     roster.add("Bea", bio="same")
     roster.add("Cat")
     counts = roster.import_profiles([{"name": "ANN", "bio": "new"}, {"name": "Bea", "bio": "same"},
-                                     {"name": "Dee", "tags": "x y", "visible": "false"}])
+                                     {"name": "Dee", "tags": "x, y", "visible": "false"}])
     assert counts == {"added": 1, "updated": 1, "unchanged": 1, "deleted": 0}
     ann = roster.get_any("Ann")
     assert (ann.name, ann.bio, ann.tags) == ("ANN", "new", ("a",))  # fields not in the row are kept
