@@ -143,6 +143,18 @@ def test_import_with_bad_rows_exits_1_listing_every_bad_row_and_changes_nothing(
     assert [(p.name, p.bio) for p in roster.all_profiles()] == [("Keep", "as it was")]
 
 
+def test_a_csv_import_whose_tags_cell_has_a_space_exits_1_naming_the_row_and_imports_nothing(cli_env, roster,
+                                                                                            tmp_path):
+    roster.add("Keep", tags="tea")
+    path = tmp_path / "spaced.csv"
+    path.write_text("name,tags\nAnn,\"walks, tea\"\nBea,Bad Tag\nKeep,new\n", encoding="utf-8")
+    refused = run_cli("girls_import", str(path), env=cli_env)
+    assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr
+    assert refused.stderr.splitlines() == ["girls_import: 1 bad row, nothing imported:",
+                                           "row 2: tags: 'Bad Tag' must match [a-z0-9_-]{1,32}"]
+    assert [(p.name, p.tags) for p in roster.all_profiles()] == [("Keep", ("tea",))]
+
+
 @pytest.mark.parametrize("file_name, content, reason", [
     ("missing.json", None, "cannot read {path}: No such file or directory"),
     ("broken.json", '[{"name": "Ann"', "{path}: not valid JSON: Expecting ',' delimiter: line 1 column 16"),

@@ -5,16 +5,20 @@ with real processes (a write elsewhere, a lost LISTEN connection)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
+import re
 import threading
 
 import psycopg2
 import pytest
 
-import girls_manager
+import roster_cache
+from backoff import Backoff
 from control import CACHE_FIELDS
 from girls_manager import GirlsManager, ImportRejected, ProfileNotFound, RosterError
-from multiprocess_connection_manager import ConnectionManager, Migrator
+from multiprocess_connection_manager import ConnectionManager, DatabaseError, Migrator
+from roster_cache import RosterCache
 
 FILE_ID = "AgACAgIAAxkBAAIBY2Zk3_file-id_0123456789"
 
@@ -70,11 +74,41 @@ def test_each_limit_is_refused_with_a_message_that_says_what_to_change(fields, m
 def test_values_at_the_limits_are_accepted_trimmed_and_normalised(roster):
     longest = roster.add("  " + "N" * 64 + "  ", bio="b" * 1000, tags=[f"t{i}" for i in range(10)], photo=FILE_ID)
     assert (longest.name, len(longest.bio), len(longest.tags), longest.photo) == ("N" * 64, 1000, 10, FILE_ID)
-    tagged = roster.add("Ann", bio="line one\r\nline two", tags="Red, blue red  GREEN", photo="https://x.example/a.jpg")
+    tagged = roster.add("Ann", bio="line one\r\nline two", tags="Red, blue,red ,  GREEN", photo="https://x.example/a.jpg")
     assert tagged.tags == ("red", "blue", "green")
     assert roster.add("Bea", tags=(t for t in ["X", "y"])).tags == ("x", "y")
     assert tagged.bio == "line one\nline two"
     assert tagged.visible is True and tagged.created_at == tagged.updated_at
+
+
+BAD_TAG = "tags: 'Bad Tag' must match [a-z0-9_-]{1,32}"
+
+
+def test_tags_given_as_text_are_separated_by_commas_only_each_piece_trimmed(roster):
+    assert roster.add("Ann", tags="a, b").tags == ("a", "b")
+    assert roster.add("Bea", tags=" , Tea,,walks , ").tags == ("tea", "walks")  # empty pieces are ignored
+    assert roster.edit("Bea", "tags", "x,  y").tags == ("x", "y")
+
+
+def test_a_tag_with_a_space_is_refused_by_add_and_edit_not_split_in_two(roster):
+    with pytest.raises(RosterError) as refused:
+        roster.add("Ann", tags="ok, Bad Tag")
+    assert str(refused.value) == BAD_TAG
+    assert roster.all_profiles() == []
+    roster.add("Bea", tags="tea")
+    with pytest.raises(RosterError) as refused:
+        roster.edit("Bea", "tags", "Bad Tag")
+    assert str(refused.value) == BAD_TAG
+    assert roster.get_any("Bea").tags == ("tea",)
+
+
+def test_an_import_row_whose_tags_text_has_a_space_is_refused_and_nothing_changes(roster):
+    roster.add("Keep", tags="tea")
+    with pytest.raises(ImportRejected) as rejected:
+        roster.import_profiles([{"name": "Ann", "tags": "ok"}, {"name": "Bea", "tags": "Bad Tag"},
+                                {"name": "Keep", "tags": "new"}])
+    assert rejected.value.problems == [f"row 2: {BAD_TAG}"]
+    assert [(p.name, p.tags) for p in roster.all_profiles()] == [("Keep", ("tea",))]
 
 
 def test_a_duplicate_name_is_refused_case_insensitively_naming_the_existing_profile(roster):
@@ -93,7 +127,7 @@ def test_a_duplicate_name_is_refused_case_insensitively_naming_the_existing_prof
 def test_edit_changes_each_field_and_refuses_the_rest(roster):
     roster.add("Ann", bio="old", tags="a", photo=FILE_ID)
     assert roster.edit("ann", "bio", " new bio ").bio == "new bio"
-    assert roster.edit("Ann", "tags", "x,y z").tags == ("x", "y", "z")
+    assert roster.edit("Ann", "tags", "x,y, z").tags == ("x", "y", "z")
     assert roster.edit("Ann", "photo", "https://example.com/p.png").photo == "https://example.com/p.png"
     assert roster.edit("Ann", "photo", "-").photo is None
     roster.edit("Ann", "photo", FILE_ID)
@@ -307,7 +341,7 @@ def test_import_upserts_by_name_and_counts_what_it_did(roster):
     roster.add("Bea", bio="same")
     roster.add("Cat")
     counts = roster.import_profiles([{"name": "ANN", "bio": "new"}, {"name": "Bea", "bio": "same"},
-                                     {"name": "Dee", "tags": "x y", "visible": "false"}])
+                                     {"name": "Dee", "tags": "x, y", "visible": "false"}])
     assert counts == {"added": 1, "updated": 1, "unchanged": 1, "deleted": 0}
     ann = roster.get_any("Ann")
     assert (ann.name, ann.bio, ann.tags) == ("ANN", "new", ("a",))  # fields not in the row are kept
@@ -371,7 +405,7 @@ def test_the_least_recently_used_entry_is_evicted_beyond_cache_size(migrated):
 
 def test_a_cached_entry_expires_after_the_ttl(migrated, monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr(girls_manager, "monotonic", lambda: now[0])
+    monkeypatch.setattr(roster_cache, "monotonic", lambda: now[0])
     manager = listening(migrated, cache_ttl=30)
     try:
         manager.count()
@@ -584,3 +618,65 @@ def test_a_lost_notification_connection_flushes_the_cache_and_the_listener_recon
         roster.add("Bea")
         assert reader.ask("invalidated", before["invalidations"] + 2)
         assert reader.ask("names") == ["Ann", "Bea"]
+
+
+class FlakyDb:
+    """A connection manager whose next `refusals` new connections are refused, as in an outage."""
+
+    def __init__(self, db: ConnectionManager, refusals: int = 0):
+        self.db, self.refusals = db, refusals
+
+    def connect(self, **options):
+        if self.refusals > 0:
+            self.refusals -= 1
+            raise DatabaseError("cannot connect to the test server: refused")
+        return self.db.connect(**options)
+
+
+def listener_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "roster_cache"]
+
+
+REFUSED = "alpha: roster listener cannot connect to the test server: refused; cache off"
+
+
+def test_a_refused_listener_logs_once_per_doubling_of_its_delay_and_once_when_it_connects(migrated, caplog):
+    caplog.set_level(logging.INFO, logger="roster_cache")
+    cache = RosterCache(FlakyDb(migrated, refusals=12), "alpha", 16, 60, reconnect=Backoff(0.01, 0.04, jitter=0.0))
+    cache.start()
+    try:
+        assert cache.wait_listening(10), "the listener did not connect after the refusals"
+    finally:
+        cache.stop()
+    lines = listener_lines(caplog)
+    assert lines[:3] == [f"{REFUSED}, attempt 1, next in 0.01 s",
+                         f"{REFUSED}, attempt 2, next in 0.02 s",
+                         f"{REFUSED}, attempt 3, next in 0.04 s, then every 0.04 s without logging"]
+    assert len(lines) == 4 and re.fullmatch(
+        r"alpha: roster listener connected after \d+\.\d\d s \(12 failed attempts\); cache on", lines[3]), lines
+
+
+def test_a_listener_that_loses_its_connection_logs_the_loss_and_its_return_once_each(migrated, caplog):
+    caplog.set_level(logging.INFO, logger="roster_cache")
+    flaky = FlakyDb(migrated)
+    cache = RosterCache(flaky, "alpha", 16, 60, reconnect=Backoff(0.01, 0.04, jitter=0.0))
+    cache.start()
+    try:
+        assert cache.wait_listening(10)
+        assert listener_lines(caplog) == ["alpha: roster listener connected"]
+        caplog.clear()
+        flaky.refusals = 5
+        [pid] = listener_pids(migrated.dsn, "test")
+        with contextlib.closing(psycopg2.connect(migrated.dsn)) as admin, admin.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+        assert cache.wait_invalidations(1, 10), "the lost connection was not noticed"
+        assert cache.wait_listening(10), "the listener did not reconnect"
+    finally:
+        cache.stop()
+    lost, *refused, back = listener_lines(caplog)
+    assert lost.startswith("alpha: roster listener lost its connection (")
+    assert lost.endswith("); cache flushed, reconnecting")
+    assert refused == [f"{REFUSED}, attempt 1, next in 0.01 s",
+                       f"{REFUSED}, attempt 2, next in 0.02 s",
+                       f"{REFUSED}, attempt 3, next in 0.04 s, then every 0.04 s without logging"]
+    assert re.fullmatch(r"alpha: roster listener reconnected after \d+\.\d\d s \(5 failed attempts\); cache on", back)
