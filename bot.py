@@ -144,9 +144,7 @@ class BotRunner:
             await update.effective_message.reply_text(error_reply(error, command_of(update)))
             return
         if is_database_outage(error):
-            log.warning("database unreachable while handling update %s: %s",
-                        getattr(update, "update_id", "?"), error)
-            return
+            return   # waited out by _handle, which logs it once per doubling of the delay (Health)
         log.error("update %s failed", getattr(update, "update_id", "?"), exc_info=error)
 
     # -- serving: fetching, maintenance, shutdown
@@ -314,8 +312,10 @@ class BotRunner:
                 self.stats.updates_handled += 1
                 return
             if is_database_outage(error):
-                self.health.failing("database", f"database unreachable: {error}")
-                if await self._stopped_within(outage.next()):
+                delay = outage.next()
+                self.health.failing("database", f"cannot store or handle updates: database unreachable ({error})",
+                                    outage)
+                if await self._stopped_within(delay):
                     return
                 continue
             self.stats.errors += 1

@@ -74,10 +74,7 @@ class EnhancedIPCCommands:
 
     def _database(self, role: str = "cli"):
         self._start_logging()
-        try:
-            from multiprocess_connection_manager import DatabaseIntegrationManager
-        except ModuleNotFoundError as exc:
-            raise MissingRequirement(exc) from None
+        from multiprocess_connection_manager import DatabaseIntegrationManager
         return DatabaseIntegrationManager(self.config, role=role, pool_max=1)
 
     def db_status(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
@@ -554,8 +551,8 @@ def _suggestion(argv: list[str]) -> str:
     if word is None or any(w in COMMANDS for w in argv):
         return ""
     import difflib   # only on this error path
-    close = difflib.get_close_matches(word, COMMANDS, n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
+    close = difflib.get_close_matches(word, COMMANDS, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None,
@@ -579,6 +576,8 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
             status, result = command.run(EnhancedIPCCommands(config, stderr), args)
         except ConfigError as exc:
             raise CommandError(f"configuration error: {exc}", EXIT_USAGE) from None
+        except ModuleNotFoundError as exc:   # a database command on a Python without psycopg2
+            raise MissingRequirement(exc) from None
     except MissingRequirement as exc:
         if allow_reexec:
             _reexec_in_environment(argv)   # returns only when there is no such environment

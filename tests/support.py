@@ -126,3 +126,16 @@ def button_data(event: dict, label: str) -> str:
         if label in button["text"]:
             return button["callback_data"]
     raise AssertionError(f"no button with {label!r} in {[b['text'] for b in buttons(event)]}")
+
+
+def copy_installation(dest: Path) -> Path:
+    """A fresh copy of DIMS's tracked files at dest (no virtual environment, no data), as an
+    operator's installation elsewhere; returns dest."""
+    import shutil
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        source, target = ROOT / name, dest / name
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return dest

@@ -7,10 +7,13 @@ from __future__ import annotations
 import collections
 import json
 import re
+import select
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -170,6 +173,17 @@ def test_bad_admin_arguments_get_a_usable_answer(running_bot, sandbox, roster_db
     assert roster_db.get_any("Alice").bio == "Alice likes chess and long walks."
 
 
+def test_a_tag_with_a_space_is_refused_by_add_and_edit_not_split_in_two(running_bot, sandbox, roster_db):
+    admin = Chat(sandbox, TOKEN, ADMIN)
+    rule = "Tags: 'Bad Tag' must match [a-z0-9_-]{1,32}."
+    assert admin.say("/add Nora | Plays the harp. | music, Bad Tag")["text"] == rule
+    assert admin.say("/edit Alice tags Bad Tag")["text"] == rule
+    with pytest.raises(Exception):
+        roster_db.get_any("Nora")
+    assert roster_db.get_any("Alice").tags == ("brunette", "tall")
+    assert admin.say("/add Nora | Plays the harp. | Music, harp")["text"].endswith("Tags: #music #harp")
+
+
 def test_a_profile_with_a_photo_is_sent_as_a_photo_card(running_bot, sandbox, roster_db):
     roster_db.edit("Alice", "photo", "https://example.org/alice.jpg")
     chat = Chat(sandbox, TOKEN, user_id=3003)
@@ -314,6 +328,62 @@ def test_database_restart_in_the_middle_of_a_burst_loses_nothing(tmp_path):
     finally:
         server.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_during_a_database_outage_the_retry_delay_grows_is_logged_once_per_doubling_and_health_says_why(tmp_path):
+    home = reachable_tempdir("dims-test-outage-")
+    server = EmbeddedPostgres(home)
+    dsn = server.ensure_running()
+    config = write_config(tmp_path / "dims.toml", extra="[supervisor]\nheartbeat_interval = 0.5\nheartbeat_timeout = 30\n")
+    short = Path(tempfile.mkdtemp(prefix="dims-out-"))
+    try:
+        with Sandbox() as sandbox:
+            env = dims_env(dsn, sandbox.api_url, short)
+            env["TMPDIR"] = str(short)
+            with DimsProcess(["--config", str(config)], env, tmp_path / "fleet.log") as fleet:
+                Chat(sandbox, TOKEN, user_id=999).wait_until_answering()
+                assert server.stop()
+                outage_started = time.monotonic()
+                seq = sandbox.send(TOKEN, 301, "/start")["seq"]   # fetched, but it cannot be stored
+                log = _wait_for(lambda: fleet.log(), lambda text: "retrying in 3.2 s" in text, timeout=30)
+                elapsed = time.monotonic() - outage_started
+                delays = [float(d) for d in re.findall(r"bot alpha: WARNING .*database unreachable.*retrying in "
+                                                       r"([\d.]+) s", log)]
+                assert delays[:6] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2], delays   # one line per doubling
+                assert len(delays) <= 6 + 2, f"{len(delays)} retry warnings in {elapsed:.1f} s"
+                health = _cli_json(env, "system_health")
+                bot = next(b for b in health["bots"] if b["name"] == "alpha")
+                assert bot["status"] == "degraded" and "database unreachable" in bot["reason"], bot
+                assert health["status"] == "down"   # the database itself is down
+                server.ensure_running()
+                reply = sandbox.wait_for_reply(TOKEN, 301, after_seq=seq, timeout=30)
+                assert "Alpha" in reply["text"], "nothing was lost"
+                healthy = _wait_for(lambda: _cli_json(env, "system_health"),
+                                    lambda h: h["bots"][0]["status"] == "ok", timeout=20)
+                assert healthy["bots"][0]["reason"] is None
+                assert "database: working again after" in fleet.log()
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def _cli_json(env: dict, *args: str) -> dict:
+    result = subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), *args, "--json"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    return json.loads(result.stdout)
+
+
+def _wait_for(read, done, timeout: float):
+    """read() until done(value), for at most timeout seconds (each read is itself an event: a
+    log line written, a health answer); the last value."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not done(value):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {str(value)[-2000:]}"
+        select.select([], [], [], 0.1)
+        value = read()
+    return value
 
 
 def test_inbox_stores_a_redelivery_once_and_a_reused_update_id_as_new(db):

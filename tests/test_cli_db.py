@@ -18,6 +18,7 @@ import pytest
 from enhanced_ipc_commands import COMMANDS, build_parser, named_command
 from multiprocess_connection_manager import EmbeddedPostgres, discover_migrations
 from tests.conftest import ROOT, reachable_tempdir
+from tests.support import copy_installation
 
 CLI = [sys.executable, str(ROOT / "enhanced_ipc_commands.py")]
 
@@ -160,7 +161,6 @@ def test_silent_database_times_out_within_the_connect_timeout_plus_a_second(tmp_
     ('[database]\npool_max = "four"\n', "database.pool_max", "expected an integer, got a string"),
     ('[database]\npool_maxx = 4\n', "database.pool_maxx", "unknown key"),
     ('[[bots]]\nname = "Alpha!"\ntoken = "1:abc"\n', "bots[0].name", "must match"),
-    ('[[bots]]\nname = "alpha"\ntoken_env = "NO_SUCH_VAR_FOR_DIMS"\n', "bots[0].token_env", "NO_SUCH_VAR_FOR_DIMS is not set"),
     ('[supervisor]\nstop_timeout = -1\n', "supervisor.stop_timeout", "must be greater than 0"),
     ('[database\nurl = 1\n', "not valid TOML", "line 1"),
 ])
@@ -171,6 +171,21 @@ def test_bad_config_file_exits_2_naming_the_file_the_key_and_the_reason(tmp_path
     assert result.returncode == 2
     assert str(config) in result.stderr and key in result.stderr and reason in result.stderr
     assert result.stdout == ""
+
+
+def test_a_missing_token_variable_is_an_error_only_for_the_process_that_runs_the_bot(cli_env, tmp_path):
+    config = tmp_path / "tokens.toml"
+    config.write_text('[[bots]]\nname = "alpha"\ntoken_env = "NO_SUCH_VAR_FOR_DIMS"\n')
+    for command in ("db_status", "db_migrate"):
+        result = run_cli(command, "--config", str(config), env=cli_env)
+        assert result.returncode == 0, result.stderr
+    listed = run_cli("bot_list", "--config", str(config), env=cli_env)
+    assert listed.returncode == 3 and "not running" in listed.stderr      # no supervisor: said, no token asked
+    single = subprocess.run([sys.executable, str(ROOT / "main.py"), "--single", "--config", str(config)],
+                            env=cli_env, capture_output=True, text=True, timeout=60)
+    assert single.returncode == 2
+    assert str(config) in single.stderr and "bots[0].token_env" in single.stderr
+    assert "NO_SUCH_VAR_FOR_DIMS is not set" in single.stderr
 
 
 def test_usage_errors_exit_2(cli_env):
@@ -214,6 +229,67 @@ def test_with_json_even_a_usage_or_configuration_error_is_one_json_object(cli_en
     assert result.returncode == 2
     assert error in json.loads(result.stdout)["error"]
     assert error in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unknown_command_gets_a_suggestion_and_both_entry_points_have_a_version(cli_env):
+    typo = run_cli("bot_lst", env=cli_env)
+    assert typo.returncode == 2 and "invalid choice: 'bot_lst'" in typo.stderr and "did you mean bot_list?" in typo.stderr
+    far = run_cli("frobnicate", env=cli_env)
+    assert far.returncode == 2 and "did you mean" not in far.stderr
+    from version import __version__
+    for program in (ROOT / "enhanced_ipc_commands.py", ROOT / "main.py", ROOT / "dims"):
+        shown = subprocess.run([sys.executable, str(program), "--version"], env=cli_env, capture_output=True,
+                               text=True, timeout=30)
+        assert (shown.returncode, shown.stdout.strip()) == (0, f"DIMS {__version__}"), program
+
+
+def test_main_help_tells_the_demo_mode_the_environment_and_the_exit_codes(cli_env):
+    shown = subprocess.run([sys.executable, str(ROOT / "main.py"), "--help"], env=cli_env, capture_output=True,
+                           text=True, timeout=30)
+    assert shown.returncode == 0
+    for text in ("demo", "DATABASE_URL", "TELEGRAM_API_URL", "DIMS_CONFIG", "DIMS_DATA_DIR", "DIMS_SOCKET",
+                 "BOT_TOKEN", "exit status", "--version", "SIGHUP"):
+        assert text in shown.stdout, text
+
+
+def test_the_cli_finds_the_installations_config_from_any_directory_and_names_what_it_tried(tmp_path, cli_env):
+    installation = copy_installation(tmp_path / "dims-install")
+    (installation / "dims.toml").write_text('[[bots]]\nname = "alpha"\ntoken_env = "ALPHA_TOKEN"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "bin" / "dims"
+    link.parent.mkdir()
+    link.symlink_to(installation / "dims")
+    env = {k: v for k, v in cli_env.items() if not k.startswith("DIMS_")}
+    listed = subprocess.run([sys.executable, str(link), "bot_list"], env=env, cwd=elsewhere, capture_output=True,
+                            text=True, timeout=60)
+    assert listed.returncode == 3
+    socket_path = installation / "var" / "dims.sock"
+    assert f"no control socket at {socket_path}" in listed.stderr
+    assert f"data directory {installation / 'var'}, the default, var beside {installation / 'dims.toml'}" \
+        in listed.stderr
+    (installation / "dims.toml").unlink()
+    nothing = subprocess.run([sys.executable, str(link), "bot_list"], env=env, cwd=elsewhere, capture_output=True,
+                             text=True, timeout=60)
+    assert nothing.returncode == 3
+    assert f"data directory {elsewhere / 'var'}, the default, var in the working directory" in nothing.stderr
+    assert str(installation / "dims.toml") in nothing.stderr      # where it looked for a configuration
+
+
+def test_a_database_command_without_the_requirements_says_what_to_install(tmp_path, cli_env):
+    installation = copy_installation(tmp_path / "bare")       # no virtual environment beside it
+    bare = subprocess.run([sys.executable, "-S", str(installation / "dims"), "db_status"], env=cli_env,
+                          capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2, bare.stderr
+    assert "Traceback" not in bare.stderr and "ModuleNotFoundError" not in bare.stderr
+    assert "needs the Python package 'psycopg2'" in bare.stderr
+    assert f"{installation / 'run'}" in bare.stderr and "pip install -r" in bare.stderr
+    fleet = subprocess.run([sys.executable, "-S", str(installation / "dims"), "bot_list"], env=cli_env,
+                           capture_output=True, text=True, timeout=60)
+    assert fleet.returncode == 3, fleet.stderr      # a fleet command needs nothing beyond the standard library
+    main = subprocess.run([sys.executable, "-S", str(installation / "main.py")], env=cli_env, capture_output=True,
+                          text=True, timeout=60)
+    assert main.returncode == 2 and "Traceback" not in main.stderr and "python-telegram-bot" in main.stderr
 
 
 def test_help_lists_every_command(cli_env):

@@ -358,6 +358,57 @@ def test_bot_restart_gives_the_bot_a_new_process_and_touches_no_other(make_fleet
     assert restarted.returncode == 0 and "bot alpha is RUNNING" in restarted.stdout
     assert fleet.row("alpha")["pid"] != before["alpha"] and fleet.row("beta")["pid"] == before["beta"]
     assert "Alpha" in Chat(sandbox, TOKENS["alpha"], user_id=76).say("/start")["text"]
+    row = fleet.row("alpha")
+    assert (row["restarts"], row["operator_restarts"]) == (0, 1), "RESTARTS counts crashes, not bot_restart"
+
+
+def test_a_bot_whose_token_variable_is_missing_is_fatal_alone_and_the_cli_needs_no_token(make_fleet, sandbox):
+    fleet = make_fleet({"alpha": {}, "gamma": {}})   # GAMMA_TOKEN is not in the environment
+    fleet.start(["alpha"])
+    gamma = fleet.wait_for("gamma", ["FATAL"])
+    assert gamma["pid"] is None and "environment variable GAMMA_TOKEN is not set" in gamma["last_error"]
+    assert "ERROR dims.supervisor: bot gamma: STOPPED -> FATAL: cannot start" in fleet.process.log()
+    assert "Alpha" in Chat(sandbox, TOKENS["alpha"], user_id=77).say("/start")["text"]
+    shell = {k: v for k, v in fleet.env.items() if not k.endswith("_TOKEN")}   # an operator's shell: no tokens
+    for command in (["bot_list"], ["cache_stats"], ["system_health"], ["db_status"]):
+        result = subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), *command, "--json"],
+                                env=shell, capture_output=True, text=True, timeout=60)
+        assert "is not set" not in result.stderr, (command, result.stderr)
+        assert result.returncode in (0, 1) and json.loads(result.stdout), command   # 1: gamma makes health degraded
+    health = json.loads(subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), "system_health",
+                                        "--json"], env=shell, capture_output=True, text=True, timeout=60).stdout)
+    assert {b["name"]: b["status"] for b in health["bots"]} == {"alpha": "ok", "gamma": "down"}
+    assert all("reason" in b for b in health["bots"]) and health["bots"][0]["reason"] is None
+
+
+def _stat(pid: int) -> tuple[str, int]:
+    """A process's short name (comm) and parent pid, from /proc."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    return comm, int(text[text.rindex(")") + 2:].split()[1])
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def test_every_process_is_named_for_ps_and_top(make_fleet):
+    fleet = make_fleet().start(["alpha", "beta"])
+    bot = fleet.row("alpha")["pid"]
+    assert _stat(bot)[0] == "dims bot alpha" and _cmdline(bot) == "dims: bot alpha"
+    assert _stat(fleet.process.pid)[0] == "dims supervisor" and _cmdline(fleet.process.pid) == "dims: supervisor"
+    forkserver = _stat(bot)[1]
+    assert _stat(forkserver)[0] == "dims forkserver" and _cmdline(forkserver) == "dims: forkserver"
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _stat_or_none(int(p.name), forkserver)]
+    names = sorted(_cmdline(pid) for pid in children)
+    assert names == ["dims: bot alpha", "dims: bot beta", "dims: database agent"], names
+
+
+def _stat_or_none(pid: int, parent: int) -> bool:
+    try:
+        return _stat(pid)[1] == parent
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 
