@@ -2,9 +2,10 @@
 `pip install` (PEP 668) and there may be no `python` command: `./run test` and `./run` work
 there as written, with Debian's own /usr/bin/python3 found through `#!/usr/bin/env python3`.
 
-Each test works on a copy of the repository's tracked files (a fresh checkout has no .venv).
-The first run installs requirements.txt into the copy's new .venv: about 10 s here, where pip
-has the wheels cached; the module takes about 30 s in all.
+The tests share one copy of the repository's tracked files (a fresh checkout has no .venv);
+whichever runs `./run` first installs requirements.txt into the copy's new .venv. That takes
+7-9 s here, where pip has the wheels at hand, and the module 12-16 s; a first install that
+downloads takes longer (the deadline is 10 minutes).
 """
 
 from __future__ import annotations
