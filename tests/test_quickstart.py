@@ -103,6 +103,7 @@ def test_debians_python_refuses_pip_install_so_the_old_quick_start_fails(checkou
 
 
 def test_readme_test_command_installs_once_into_a_venv_of_debians_python_and_passes(checkout):
+    shutil.rmtree(checkout / ".venv", ignore_errors=True)   # as fresh as a new checkout, in any test order
     first = run(checkout, "test", "tests/test_backoff.py")
     assert first.returncode == 0, first.stdout + first.stderr
     assert INSTALLING in first.stderr
