@@ -14,7 +14,7 @@ modules use are re-exported here (`__all__`), so they import from `girls_manager
   names; a lost LISTEN connection switches the cache off until it is back).
 
 Imports flow one way: `girls_manager` -> `roster_cache`, `roster_rules` -> the standard
-library, psycopg2, `multiprocess_connection_manager`, `backoff`; never telegram, and nothing
+library, psycopg2, `db_pool` (the database layer's pool), `backoff`; never telegram, and nothing
 imports back up into this file.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 
-from multiprocess_connection_manager import ConnectionManager, Transaction
+from db_pool import ConnectionManager, Transaction
 from roster_cache import NotCached, RosterCache, cache_only, favourites_key
 from roster_rules import (
     EDITABLE_FIELDS, ImportRejected, NameTaken, Page, Profile, ProfileNotFound, RosterError,

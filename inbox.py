@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from multiprocess_connection_manager import ConnectionManager
+from db_pool import ConnectionManager
 
 MAX_ATTEMPTS = 3                       # handler failures before an update is parked as dead
 INBOX_RETENTION_S = 3 * 24 * 3600      # done rows are deleted after this long

@@ -10,7 +10,7 @@ stale is served. `cache_only()` lets an event loop try a read inline: inside it 
 from the cache or raises `NotCached`, never touching the database.
 
 Called by `girls_manager` (which re-exports `NotCached` and `cache_only`). Imports the standard
-library, psycopg2, `multiprocess_connection_manager` and `backoff`; never telegram, and nothing
+library, psycopg2, `db_pool` (the database layer's pool) and `backoff`; never telegram, and nothing
 of the roster above it (`girls_manager`, `roster_rules`): cache keys and values are opaque here.
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 import psycopg2
 
 from backoff import Backoff
-from multiprocess_connection_manager import ConnectionManager, DatabaseError, Transaction
+from db_pool import ConnectionManager, DatabaseError, Transaction
 
 log = logging.getLogger(__name__)
 

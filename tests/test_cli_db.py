@@ -292,6 +292,14 @@ def test_a_database_command_without_the_requirements_says_what_to_install(tmp_pa
     assert main.returncode == 2 and "Traceback" not in main.stderr and "python-telegram-bot" in main.stderr
 
 
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(), reason="no .venv: ./run makes it")
+def test_a_database_command_on_a_python_without_the_requirements_runs_in_the_installations_venv(cli_env):
+    result = subprocess.run([sys.executable, "-S", str(ROOT / "dims"), "db_status", "--json"], env=cli_env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["connected"] is True
+
+
 def test_help_lists_every_command(cli_env):
     shown = run_cli("--help", env=cli_env)
     assert shown.returncode == 0

@@ -68,6 +68,7 @@ def test_two_bots_answer_are_operated_from_the_cli_and_stop_cleanly(tmp_path, da
             code, health = cli_json("system_health", env=env)
             assert (code, health["status"]) == (0, "ok"), health
             assert health["database"]["migrations"]["pending"] == 0
+            assert [(b["status"], b["reason"]) for b in health["bots"]] == [("ok", None), ("ok", None)]
 
             stopped = cli("bot_stop", "beta", env=env)
             assert stopped.returncode == 0 and "bot beta is STOPPED" in stopped.stdout
@@ -123,6 +124,42 @@ def test_with_nothing_configured_main_runs_the_demo(tmp_path, database_url):
         if process.poll() is None:
             process.kill()
             process.wait(10)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _start_demo(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, list[str]]:
+    """`python main.py` with nothing configured, once both demo bots are RUNNING; its output so far."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py")], env=env, cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    seen: list[str] = []
+    while not all(any("RUNNING" in line and f"bot {name}:" in line for line in seen) for name in ("alpha", "beta")):
+        seen.append(lines.get(timeout=60))
+    return process, seen
+
+
+def test_a_second_demo_is_refused_before_it_prints_or_changes_anything(tmp_path, database_url):
+    home = Path(tempfile.mkdtemp(prefix="dims-demo2-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIMS_", "BOT_TOKEN", "TELEGRAM_API_URL"))}
+    env.update(DATABASE_URL=database_url, DIMS_DATA_DIR=str(home), PYTHONUNBUFFERED="1", TMPDIR=str(home))
+    first, _ = _start_demo(env, tmp_path)
+    try:
+        demo_config = (home / "demo.toml").read_text()
+        second = subprocess.run([sys.executable, str(ROOT / "main.py")], env=env, cwd=tmp_path, capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 1
+        assert f"another supervisor is running (pid {first.pid})" in second.stderr
+        assert "DIMS demo" not in second.stdout + second.stderr, "no banner for a demo that does not run"
+        assert (home / "demo.toml").read_text() == demo_config, "the running demo's configuration is untouched"
+        chat = cli("chat", "alpha", env=env, stdin="/start\n")
+        assert chat.returncode == 0 and "Demo Alpha" in chat.stdout, chat.stderr
+        first.terminate()
+        assert first.wait(30) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
         shutil.rmtree(home, ignore_errors=True)
 
 
