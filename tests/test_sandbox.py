@@ -895,6 +895,43 @@ def test_sandbox_process_prints_its_url_and_exits_0_on_sigterm(token):
     assert process.process.returncode == 0
 
 
+def test_sandbox_process_starts_from_any_working_directory(tmp_path, monkeypatch, token):
+    monkeypatch.chdir(tmp_path)
+    with SandboxProcess() as process:
+        assert process.send(token, 1, "hi")["update_id"] == 1
+    assert process.process.returncode == 0
+
+
+@pytest.mark.parametrize("launch", [[str(REPO / "telegram_sandbox.py")], ["-m", "telegram_sandbox"]],
+                         ids=["launcher", "module"])
+def test_command_line_prints_the_banner_and_exits_0_on_sigterm(launch):
+    child = subprocess.Popen([sys.executable, *launch, "--port", "0"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_line = child.stdout.readline()
+        url = re.search(r"^Telegram sandbox listening on (http://\S+) \(Bot API root: \1/bot\)$",
+                        first_line.rstrip("\n"))
+        assert url, first_line
+        assert SandboxClient(url.group(1)).health()["ok"] is True
+        child.send_signal(signal.SIGTERM)
+        child.communicate(timeout=DEADLINE_S)
+    finally:
+        child.kill()
+    assert child.returncode == 0
+
+
+def test_the_chat_loads_none_of_the_server_the_bot_api_or_the_parsers():
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, telegram_sandbox; telegram_sandbox.chat; "
+         "print(' '.join(sorted(sys.modules)))"],
+        cwd=REPO, capture_output=True, text=True, timeout=DEADLINE_S)
+    loaded = set(probe.stdout.split())
+    assert "telegram_sandbox.terminal_chat" in loaded, probe.stderr
+    heavy = {f"telegram_sandbox.{name}" for name in (
+        "http_server", "core", "bot_api", "state", "spec", "text_formatting", "media", "runners")}
+    assert loaded & (heavy | {"asyncio"}) == set()
+
+
 def test_cli_exits_0_on_sigint_and_never_logs_a_token():
     secret = "VerySecretPart-123"
     command = [sys.executable, str(REPO / "telegram_sandbox.py"), "--port", "0",
