@@ -12,7 +12,7 @@ import sys
 import threading
 
 from .client import SandboxClient, SandboxError
-from .constants import TOKEN_RE, bot_id_of, bot_username
+from .constants import MAX_TEXT_CHARS, TOKEN_RE, bot_id_of, bot_username
 
 
 CHAT_HELP = ("Type a message and press Enter. #N presses button N of the latest message with "
@@ -84,7 +84,8 @@ def chat(url: str, token: str, user_id: int = 1000, stdin=sys.stdin, stdout=sys.
     Bot messages and edits are printed as they arrive, inline buttons numbered
     ("[1] Alice  [2] Bob"); "#2" presses button 2 of the latest message with buttons.
     After each input the chat waits up to reply_timeout s for the bot's answer, so piped input
-    gives a readable transcript. /quit or end of input ends it (status 0); 1 if the sandbox
+    gives a readable transcript. A line longer than Telegram allows is not sent (a note says
+    why) and the chat goes on. /quit or end of input ends it (status 0); 1 if the sandbox
     cannot be reached, 2 if the token is not of Telegram's shape.
     """
     if not TOKEN_RE.fullmatch(token):
@@ -126,6 +127,10 @@ def _chat_input(client: SandboxClient, view: _ChatView, token: str, user_id: int
                 first_name: str, text: str, reply_timeout: float) -> None:
     press = re.fullmatch(r"#(\d+)", text)
     if press is None:
+        if len(text) > MAX_TEXT_CHARS:
+            view.note(f"(not sent: that message is {len(text)} characters; Telegram's limit is "
+                      f"{MAX_TEXT_CHARS})")
+            return
         answer = client.send(token, user_id, text, first_name=first_name)
         view.wait_past(answer["seq"], reply_timeout)
         return

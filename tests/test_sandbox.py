@@ -991,3 +991,12 @@ def test_chat_command_line_works_with_piped_input(sb, ptb_bot):
 def test_chat_reports_an_unreachable_sandbox_with_status_1(token):
     stdout = io.StringIO()
     assert chat("http://127.0.0.1:9", token, stdin=io.StringIO("hi\n"), stdout=stdout) == 1
+
+
+def test_chat_refuses_a_line_over_telegrams_limit_with_a_note_and_goes_on(sb, ptb_bot):
+    stdin = io.StringIO("x" * 5000 + "\nhello\n")
+    stdout = io.StringIO()
+    assert chat(sb.url, ptb_bot, user_id=203, stdin=stdin, stdout=stdout) == 0
+    transcript = stdout.getvalue()
+    assert "(not sent: that message is 5000 characters; Telegram's limit is 4096)\n" in transcript
+    assert "bot: echo: hello\n" in transcript
