@@ -84,7 +84,8 @@ def chat(url: str, token: str, user_id: int = 1000, stdin=sys.stdin, stdout=sys.
     Bot messages and edits are printed as they arrive, inline buttons numbered
     ("[1] Alice  [2] Bob"); "#2" presses button 2 of the latest message with buttons.
     After each input the chat waits up to reply_timeout s for the bot's answer, so piped input
-    gives a readable transcript. A line longer than Telegram allows is not sent (a note says
+    gives a readable transcript. On a terminal, lines are edited with readline (arrows,
+    Ctrl-A/E, ...) and Up recalls earlier ones. A line longer than Telegram allows is not sent (a note says
     why) and the chat goes on. /quit or end of input ends it (status 0); 1 if the sandbox
     cannot be reached, 2 if the token is not of Telegram's shape.
     """
@@ -108,7 +109,7 @@ def chat(url: str, token: str, user_id: int = 1000, stdin=sys.stdin, stdout=sys.
               f"{CHAT_HELP}")
     status = 0
     try:
-        for line in stdin:
+        for line in _lines(stdin):
             text = line.strip()
             if text == "/quit":
                 break
@@ -121,6 +122,23 @@ def chat(url: str, token: str, user_id: int = 1000, stdin=sys.stdin, stdout=sys.
         stop.set()
         follower.join(reply_timeout + 2)
     return status
+
+
+def _lines(stdin):
+    """The lines typed or piped in. On a terminal, readline edits them and keeps a history;
+    it is loaded only then (on a pipe it would be of no use, and may write escape codes)."""
+    if stdin is sys.stdin and stdin.isatty():
+        try:
+            import readline  # noqa: F401 (loaded, it serves input())
+        except ImportError:  # a Python built without it: plain lines
+            pass
+        else:
+            while True:
+                try:
+                    yield input()
+                except EOFError:
+                    return
+    yield from stdin
 
 
 def _chat_input(client: SandboxClient, view: _ChatView, token: str, user_id: int,

@@ -12,7 +12,9 @@ import http.client
 import io
 import itertools
 import json
+import os
 import pathlib
+import pty
 import re
 import signal
 import struct
@@ -1000,3 +1002,51 @@ def test_chat_refuses_a_line_over_telegrams_limit_with_a_note_and_goes_on(sb, pt
     transcript = stdout.getvalue()
     assert "(not sent: that message is 5000 characters; Telegram's limit is 4096)\n" in transcript
     assert "bot: echo: hello\n" in transcript
+
+
+def test_chat_on_a_terminal_edits_the_line_and_recalls_history(sb, ptb_bot):
+    main_fd, terminal_fd = pty.openpty()
+    env = {**os.environ, "TERM": "xterm", "INPUTRC": os.devnull}
+    child = subprocess.Popen([sys.executable, str(REPO / "telegram_sandbox.py"), "chat", "--url",
+                              sb.url, "--token", ptb_bot, "--user-id", "204"],
+                             stdin=terminal_fd, stdout=terminal_fd, stderr=terminal_fd, env=env)
+    os.close(terminal_fd)
+    screen = bytearray()
+    reader = threading.Thread(target=lambda: _read_terminal(main_fd, screen), daemon=True)
+    reader.start()
+
+    def echoes() -> int:
+        return sum(e["text"] == "echo: hello" for e in sb.messages(ptb_bot, 204))
+    try:
+        wait_until(lambda: b"Chatting with" in screen, what="the chat's greeting")
+        os.write(main_fd, b"helo\x02l\r")  # Ctrl-B: back one character, then the missing "l"
+        wait_until(lambda: echoes() == 1, what="the edited line's echo")
+        os.write(main_fd, b"\x10\r")  # Ctrl-P: the previous line again
+        wait_until(lambda: echoes() == 2, what="the recalled line's echo")
+        os.write(main_fd, b"\x04")  # Ctrl-D: end of input
+        assert child.wait(DEADLINE_S) == 0
+    finally:
+        child.kill()
+        reader.join(DEADLINE_S)
+        os.close(main_fd)
+
+
+def _read_terminal(fd: int, into: bytearray) -> None:
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # EIO: the terminal's other side is closed
+            return
+        if not data:
+            return
+        into.extend(data)
+
+
+def test_chat_with_piped_input_does_not_load_readline(sb, ptb_bot):
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from telegram_sandbox import chat; "
+         f"status = chat({sb.url!r}, {ptb_bot!r}, user_id=205); "
+         "print('readline loaded:', 'readline' in sys.modules, 'status:', status)"],
+        cwd=REPO, input="hello\n", capture_output=True, text=True, timeout=30)
+    assert "bot: echo: hello\n" in probe.stdout, probe.stderr
+    assert probe.stdout.endswith("readline loaded: False status: 0\n")
