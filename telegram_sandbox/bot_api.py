@@ -50,6 +50,12 @@ class BotApi:
     # -- updates and webhooks --------------------------------------------------------------
 
     async def getUpdates(self, bot: BotState, p: dict):
+        try:
+            return await self._poll(bot, p)
+        finally:
+            bot.polled_at = time.monotonic()
+
+    async def _poll(self, bot: BotState, p: dict):
         if bot.webhook is not None:
             raise ApiError(409, CONFLICT_WEBHOOK)
         bot.end_poll("terminated")

@@ -91,8 +91,10 @@ class SandboxClient:
         """From now on the token is answered 401 Unauthorized, as a revoked token is."""
         return self._post("revoke", {"token": token})
 
-    def health(self) -> dict:
-        return self._get("health", {})
+    def health(self, token: str | None = None) -> dict:
+        """Liveness, long polls and message waits in progress; with a token, also "bot": is
+        it polling, seconds since its last getUpdates ended, webhook set, pending updates."""
+        return self._get("health", {} if token is None else {"token": token})
 
     def _post(self, route: str, body: dict) -> dict:
         data = json.dumps({k: v for k, v in body.items() if v is not None}).encode("utf-8")

@@ -78,6 +78,9 @@ class SandboxCore:
         bot.calls.append(record)
         try:
             result = await self._run(bot, method, method_name, raw, record)
+        except asyncio.CancelledError:  # the client went away (or the server is closing)
+            record["status"] = 0
+            raise
         except ApiError as err:
             record.update(status=err.code, description=err.description)
             LOG.debug("bot %s: %s -> %s %s", bot.bot_id, record["method"], err.code,
@@ -219,11 +222,24 @@ class SandboxCore:
         return {"ok": True}
 
     def health(self, query: dict) -> dict:
-        """Liveness, and how many long polls and message waits are in progress."""
+        """Liveness, and how many long polls and message waits are in progress; with a token,
+        also whether that bot is polling its updates (see polling_state)."""
         polls = sum(bot.poller is not None for bot in self.bots.values())
         waits = sum(len(w) for bot in self.bots.values() for w in bot.outbox_waiters.values())
-        return {"ok": True, "bots": len(self.bots), "spec_version": self.spec.version,
-                "waiting": {"getUpdates": polls, "messages": waits}}
+        health = {"ok": True, "bots": len(self.bots), "spec_version": self.spec.version,
+                  "waiting": {"getUpdates": polls, "messages": waits}}
+        if query.get("token"):
+            health["bot"] = polling_state(self.user_bot(query))
+        return health
+
+
+def polling_state(bot: BotState) -> dict:
+    """Whether anyone takes the bot's updates: a getUpdates waiting now ("polling"), how long
+    ago the last one ended (None if none ever did), a webhook set, updates not yet confirmed."""
+    age = None if bot.polled_at is None else round(time.monotonic() - bot.polled_at, 1)
+    return {"id": bot.bot_id, "username": bot.user["username"], "polling": bot.poller is not None,
+            "last_poll_age_s": age, "webhook": bot.webhook is not None,
+            "pending_updates": len(bot.updates)}
 
 
 def _check_pressable(bot: BotState, message: dict | None, message_id: int, data: str) -> None:

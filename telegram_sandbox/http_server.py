@@ -3,7 +3,8 @@
 read_request parses a request (Content-Length or chunked bodies, Expect: 100-continue);
 parse_form turns query strings, form, JSON and multipart bodies into the Bot API's raw text
 values (files as Upload); SandboxServer routes /bot{token}/{method} and /file/bot{token}/{path}
-to the core's Bot API and /sandbox/* to its user side, and answers JSON. The runners start it.
+to the core's Bot API and /sandbox/* to its user side, and answers JSON; a request whose
+client goes away is cancelled. The runners start it.
 
 Imports constants, errors, media and core; never the client, the runners or the chat. Its logs
 name a bot by its id, never by its token.
@@ -197,6 +198,29 @@ def _loggable_path(path: str) -> str:
                   path)
 
 
+class _Connection(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, plus: a client that goes away (closes its side or resets)
+    while its request is being answered cancels that request, so a long poll it gave up (a bot
+    that stopped) ends at once instead of at its timeout, and no longer counts as polling."""
+
+    def __init__(self, reader: asyncio.StreamReader, serve):
+        super().__init__(reader, serve)
+        self.answering: asyncio.Task | None = None  # set while a request is being answered
+
+    def eof_received(self) -> bool:
+        self._client_gone()
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client_gone()
+        super().connection_lost(exc)
+
+    def _client_gone(self) -> None:
+        if self.answering is not None:
+            self.answering.cancel()
+            self.answering = None
+
+
 class SandboxServer:
     """The asyncio HTTP/1.1 server (keep-alive, pipelining in order) in front of the core."""
 
@@ -214,8 +238,10 @@ class SandboxServer:
         }
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve_connection, self.host, self.port,
-                                                  limit=64 * 1024, backlog=1024)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(asyncio.StreamReader(limit=64 * 1024), self._serve_connection),
+            self.host, self.port, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -245,16 +271,20 @@ class SandboxServer:
 
     async def _serve_requests(self, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
+        connection = writer.transport.get_protocol()
         while True:
             request = await read_request(reader, writer)
             if request is None:
                 return
+            connection.answering = asyncio.current_task()
             try:
                 status, body, content_type = await self._route(request)
             except Exception:  # a sandbox bug must not look like a network error to the bot
                 LOG.exception("internal error answering %s %s", request.method,
                               _loggable_path(request.path))
                 status, body, content_type = 500, json_bytes(INTERNAL_ERROR), "application/json"
+            finally:
+                connection.answering = None
             if body is None:
                 writer.transport.abort()
                 return

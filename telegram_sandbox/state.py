@@ -63,6 +63,7 @@ class BotState:
         self.allowed_updates: frozenset[str] | None = None
         self.webhook: dict | None = None
         self.poller: asyncio.Future | None = None
+        self.polled_at: float | None = None  # time.monotonic() when a getUpdates last ended
         self.commands: dict[str, list[dict]] = {}
         self.chats: dict[int, dict] = {}
         self.messages: dict[int, dict[int, dict]] = {}

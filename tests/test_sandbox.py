@@ -449,6 +449,34 @@ def test_newer_poller_terminates_the_older_with_409(sb, token):
         newer.close()
 
 
+def test_health_of_a_bot_says_whether_it_polls_and_when_it_last_did(sb, api, token):
+    bot_id = int(token.partition(":")[0])
+    assert sb.health(token)["bot"] == {
+        "id": bot_id, "username": telegram_sandbox.bot_username(bot_id), "polling": False,
+        "last_poll_age_s": None, "webhook": False, "pending_updates": 0}
+    poll = in_thread(api, "getUpdates", {"timeout": 5})
+    poll_in_flight(sb, token)
+    assert sb.health(token)["bot"]["polling"] is True
+    sb.send(token, 1, "hi")
+    assert poll()[0] == 200
+    bot = sb.health(token)["bot"]
+    assert bot["polling"] is False and 0 <= bot["last_poll_age_s"] < DEADLINE_S
+    assert bot["pending_updates"] == 1, "not confirmed by a later offset yet"
+    api.ok("setWebhook", url="https://example.org/hook")
+    assert sb.health(token)["bot"]["webhook"] is True
+    assert "bot" not in sb.health()
+
+
+def test_a_long_poll_whose_client_leaves_ends_at_once(sb, token):
+    client = BotApi(sb, token)
+    client.connection.request("POST", f"/bot{token}/getUpdates", body=b"timeout=30",
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    poll_in_flight(sb, token)
+    client.close()
+    wait_until(lambda: not sb.health(token)["bot"]["polling"], what="the abandoned poll's end")
+    assert sb.calls(token, "getUpdates")[-1]["status"] == 0, "0: the connection went away"
+
+
 def test_polling_while_a_webhook_is_set_is_409_until_it_is_deleted(sb, api, token):
     sb.send(token, 16, "pending")
     api.ok("setWebhook", url="https://example.org/hook")
