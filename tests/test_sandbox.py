@@ -1078,3 +1078,54 @@ def test_chat_with_piped_input_does_not_load_readline(sb, ptb_bot):
         cwd=REPO, input="hello\n", capture_output=True, text=True, timeout=30)
     assert "bot: echo: hello\n" in probe.stdout, probe.stderr
     assert probe.stdout.endswith("readline loaded: False status: 0\n")
+
+
+def test_chat_notes_an_unanswered_input_and_why_and_exits_1(sb, token):
+    stdout = io.StringIO()
+    status = chat(sb.url, token, user_id=206, stdin=io.StringIO("hi\n"), stdout=stdout,
+                  reply_timeout=0.3,
+                  describe_silence=lambda: "bot alpha is STOPPED (stopped by an operator)")
+    username = telegram_sandbox.bot_username(int(token.partition(":")[0]))
+    assert status == 1
+    assert (f"(no answer from @{username} within 0.3 s; nobody has polled this bot's updates "
+            "yet; bot alpha is STOPPED (stopped by an operator))\n") in stdout.getvalue()
+
+
+def test_chat_silence_note_says_when_a_stopped_bot_last_polled(sb, api, token):
+    api.ok("getUpdates")
+    stdout = io.StringIO()
+    assert chat(sb.url, token, user_id=207, stdin=io.StringIO("hi\n"), stdout=stdout,
+                reply_timeout=1.2, describe_silence=lambda: None) == 1
+    assert re.search(r"\(no answer from @\S+ within 1\.2 s; nobody is polling this bot's "
+                     r"updates, the last poll ended \d+ s ago\)\n", stdout.getvalue())
+
+
+def test_chat_silence_note_says_a_polling_bot_sent_nothing_back(sb, api, token):
+    def poll_twice() -> list:
+        first = api.ok("getUpdates", timeout=5)
+        return first + api.ok("getUpdates", offset=first[-1]["update_id"] + 1, timeout=5)
+    polls = in_thread(poll_twice)
+    poll_in_flight(sb, token)
+    stdout = io.StringIO()
+    assert chat(sb.url, token, user_id=208, stdin=io.StringIO("hi\n"), stdout=stdout,
+                reply_timeout=0.3) == 1
+    assert "within 0.3 s; the bot is polling its updates but sent nothing back)\n" in \
+        stdout.getvalue()
+    sb.send(token, 208, "ends the second poll")
+    assert len(polls()) == 2
+
+
+def test_chat_counts_a_press_answered_with_a_notice_only_as_answered(sb, api, token):
+    def bot() -> None:
+        hello = api.ok("getUpdates", timeout=5)[-1]
+        api.ok("sendMessage", chat_id=209, text="menu", reply_markup={
+            "inline_keyboard": [[{"text": "Save", "callback_data": "save"}]]})
+        press = api.ok("getUpdates", offset=hello["update_id"] + 1, timeout=5)[-1]
+        api.ok("answerCallbackQuery", callback_query_id=press["callback_query"]["id"],
+               text="Saved.")
+    answered = in_thread(bot)
+    stdout = io.StringIO()
+    assert chat(sb.url, token, user_id=209, stdin=io.StringIO("hi\n#1\n"), stdout=stdout,
+                reply_timeout=2) == 0, stdout.getvalue()
+    answered()
+    assert "bot: menu\n  [1] Save\nbot (button answer): Saved.\n" in stdout.getvalue()
