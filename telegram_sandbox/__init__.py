@@ -15,9 +15,10 @@ api.telegram.org, and act as Telegram users through the /sandbox/* routes.
   SandboxClient (urllib, works across processes), Sandbox (server in a background thread),
   SandboxProcess (server in a child process), chat() (a terminal chat as a user).
 
-One concept per module, each importing only those above it:
+One concept per module; imports flow one way, no cycles:
 constants, errors, media -> spec, text_formatting -> state -> bot_api -> core -> http_server
--> runners -> cli; client -> terminal_chat -> cli (the chat loads no server); __main__ runs cli.
+-> runners (with client) -> cli; client, constants -> terminal_chat (the chat loads no server)
+-> cli; __main__ runs cli.
 
 Callers: tests, bench/, the offline demo (main.py) and the operator CLI's `chat` command.
 It must import nothing from DIMS and no third-party package: the standard library only, so it

@@ -1051,7 +1051,7 @@ def test_chat_on_a_terminal_edits_the_line_and_recalls_history(sb, ptb_bot):
         wait_until(lambda: echoes() == 1, what="the edited line's echo")
         os.write(main_fd, b"\x10\r")  # Ctrl-P: the previous line again
         wait_until(lambda: echoes() == 2, what="the recalled line's echo")
-        os.write(main_fd, b"\x04")  # Ctrl-D: end of input
+        os.write(main_fd, b"/quit\r")
         assert child.wait(DEADLINE_S) == 0
     finally:
         child.kill()
