@@ -12,7 +12,9 @@ import http.client
 import io
 import itertools
 import json
+import os
 import pathlib
+import pty
 import re
 import signal
 import struct
@@ -445,6 +447,34 @@ def test_newer_poller_terminates_the_older_with_409(sb, token):
     finally:
         older.close()
         newer.close()
+
+
+def test_health_of_a_bot_says_whether_it_polls_and_when_it_last_did(sb, api, token):
+    bot_id = int(token.partition(":")[0])
+    assert sb.health(token)["bot"] == {
+        "id": bot_id, "username": telegram_sandbox.bot_username(bot_id), "polling": False,
+        "last_poll_age_s": None, "webhook": False, "pending_updates": 0}
+    poll = in_thread(api, "getUpdates", {"timeout": 5})
+    poll_in_flight(sb, token)
+    assert sb.health(token)["bot"]["polling"] is True
+    sb.send(token, 1, "hi")
+    assert poll()[0] == 200
+    bot = sb.health(token)["bot"]
+    assert bot["polling"] is False and 0 <= bot["last_poll_age_s"] < DEADLINE_S
+    assert bot["pending_updates"] == 1, "not confirmed by a later offset yet"
+    api.ok("setWebhook", url="https://example.org/hook")
+    assert sb.health(token)["bot"]["webhook"] is True
+    assert "bot" not in sb.health()
+
+
+def test_a_long_poll_whose_client_leaves_ends_at_once(sb, token):
+    client = BotApi(sb, token)
+    client.connection.request("POST", f"/bot{token}/getUpdates", body=b"timeout=30",
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})
+    poll_in_flight(sb, token)
+    client.close()
+    wait_until(lambda: not sb.health(token)["bot"]["polling"], what="the abandoned poll's end")
+    assert sb.calls(token, "getUpdates")[-1]["status"] == 0, "0: the connection went away"
 
 
 def test_polling_while_a_webhook_is_set_is_409_until_it_is_deleted(sb, api, token):
@@ -895,6 +925,43 @@ def test_sandbox_process_prints_its_url_and_exits_0_on_sigterm(token):
     assert process.process.returncode == 0
 
 
+def test_sandbox_process_starts_from_any_working_directory(tmp_path, monkeypatch, token):
+    monkeypatch.chdir(tmp_path)
+    with SandboxProcess() as process:
+        assert process.send(token, 1, "hi")["update_id"] == 1
+    assert process.process.returncode == 0
+
+
+@pytest.mark.parametrize("launch", [[str(REPO / "telegram_sandbox.py")], ["-m", "telegram_sandbox"]],
+                         ids=["launcher", "module"])
+def test_command_line_prints_the_banner_and_exits_0_on_sigterm(launch):
+    child = subprocess.Popen([sys.executable, *launch, "--port", "0"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_line = child.stdout.readline()
+        url = re.search(r"^Telegram sandbox listening on (http://\S+) \(Bot API root: \1/bot\)$",
+                        first_line.rstrip("\n"))
+        assert url, first_line
+        assert SandboxClient(url.group(1)).health()["ok"] is True
+        child.send_signal(signal.SIGTERM)
+        child.communicate(timeout=DEADLINE_S)
+    finally:
+        child.kill()
+    assert child.returncode == 0
+
+
+def test_the_chat_loads_none_of_the_server_the_bot_api_or_the_parsers():
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, telegram_sandbox; telegram_sandbox.chat; "
+         "print(' '.join(sorted(sys.modules)))"],
+        cwd=REPO, capture_output=True, text=True, timeout=DEADLINE_S)
+    loaded = set(probe.stdout.split())
+    assert "telegram_sandbox.terminal_chat" in loaded, probe.stderr
+    heavy = {f"telegram_sandbox.{name}" for name in (
+        "http_server", "core", "bot_api", "state", "spec", "text_formatting", "media", "runners")}
+    assert loaded & (heavy | {"asyncio"}) == set()
+
+
 def test_cli_exits_0_on_sigint_and_never_logs_a_token():
     secret = "VerySecretPart-123"
     command = [sys.executable, str(REPO / "telegram_sandbox.py"), "--port", "0",
@@ -954,3 +1021,111 @@ def test_chat_command_line_works_with_piped_input(sb, ptb_bot):
 def test_chat_reports_an_unreachable_sandbox_with_status_1(token):
     stdout = io.StringIO()
     assert chat("http://127.0.0.1:9", token, stdin=io.StringIO("hi\n"), stdout=stdout) == 1
+
+
+def test_chat_refuses_a_line_over_telegrams_limit_with_a_note_and_goes_on(sb, ptb_bot):
+    stdin = io.StringIO("x" * 5000 + "\nhello\n")
+    stdout = io.StringIO()
+    assert chat(sb.url, ptb_bot, user_id=203, stdin=stdin, stdout=stdout) == 0
+    transcript = stdout.getvalue()
+    assert "(not sent: that message is 5000 characters; Telegram's limit is 4096)\n" in transcript
+    assert "bot: echo: hello\n" in transcript
+
+
+def test_chat_on_a_terminal_edits_the_line_and_recalls_history(sb, ptb_bot):
+    main_fd, terminal_fd = pty.openpty()
+    env = {**os.environ, "TERM": "xterm", "INPUTRC": os.devnull}
+    child = subprocess.Popen([sys.executable, str(REPO / "telegram_sandbox.py"), "chat", "--url",
+                              sb.url, "--token", ptb_bot, "--user-id", "204"],
+                             stdin=terminal_fd, stdout=terminal_fd, stderr=terminal_fd, env=env)
+    os.close(terminal_fd)
+    screen = bytearray()
+    reader = threading.Thread(target=lambda: _read_terminal(main_fd, screen), daemon=True)
+    reader.start()
+
+    def echoes() -> int:
+        return sum(e["text"] == "echo: hello" for e in sb.messages(ptb_bot, 204))
+    try:
+        wait_until(lambda: b"Chatting with" in screen, what="the chat's greeting")
+        os.write(main_fd, b"helo\x02l\r")  # Ctrl-B: back one character, then the missing "l"
+        wait_until(lambda: echoes() == 1, what="the edited line's echo")
+        os.write(main_fd, b"\x10\r")  # Ctrl-P: the previous line again
+        wait_until(lambda: echoes() == 2, what="the recalled line's echo")
+        os.write(main_fd, b"/quit\r")
+        assert child.wait(DEADLINE_S) == 0
+    finally:
+        child.kill()
+        reader.join(DEADLINE_S)
+        os.close(main_fd)
+
+
+def _read_terminal(fd: int, into: bytearray) -> None:
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # EIO: the terminal's other side is closed
+            return
+        if not data:
+            return
+        into.extend(data)
+
+
+def test_chat_with_piped_input_does_not_load_readline(sb, ptb_bot):
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from telegram_sandbox import chat; "
+         f"status = chat({sb.url!r}, {ptb_bot!r}, user_id=205); "
+         "print('readline loaded:', 'readline' in sys.modules, 'status:', status)"],
+        cwd=REPO, input="hello\n", capture_output=True, text=True, timeout=30)
+    assert "bot: echo: hello\n" in probe.stdout, probe.stderr
+    assert probe.stdout.endswith("readline loaded: False status: 0\n")
+
+
+def test_chat_notes_an_unanswered_input_and_why_and_exits_1(sb, token):
+    stdout = io.StringIO()
+    status = chat(sb.url, token, user_id=206, stdin=io.StringIO("hi\n"), stdout=stdout,
+                  reply_timeout=0.3,
+                  describe_silence=lambda: "bot alpha is STOPPED (stopped by an operator)")
+    username = telegram_sandbox.bot_username(int(token.partition(":")[0]))
+    assert status == 1
+    assert (f"(no answer from @{username} within 0.3 s; nobody has polled this bot's updates "
+            "yet; bot alpha is STOPPED (stopped by an operator))\n") in stdout.getvalue()
+
+
+def test_chat_silence_note_says_when_a_stopped_bot_last_polled(sb, api, token):
+    api.ok("getUpdates")
+    stdout = io.StringIO()
+    assert chat(sb.url, token, user_id=207, stdin=io.StringIO("hi\n"), stdout=stdout,
+                reply_timeout=1.2, describe_silence=lambda: None) == 1
+    assert re.search(r"\(no answer from @\S+ within 1\.2 s; nobody is polling this bot's "
+                     r"updates, the last poll ended \d+ s ago\)\n", stdout.getvalue())
+
+
+def test_chat_silence_note_says_a_polling_bot_sent_nothing_back(sb, api, token):
+    def poll_twice() -> list:
+        first = api.ok("getUpdates", timeout=5)
+        return first + api.ok("getUpdates", offset=first[-1]["update_id"] + 1, timeout=5)
+    polls = in_thread(poll_twice)
+    poll_in_flight(sb, token)
+    stdout = io.StringIO()
+    assert chat(sb.url, token, user_id=208, stdin=io.StringIO("hi\n"), stdout=stdout,
+                reply_timeout=0.3) == 1
+    assert "within 0.3 s; the bot is polling its updates but sent nothing back)\n" in \
+        stdout.getvalue()
+    sb.send(token, 208, "ends the second poll")
+    assert len(polls()) == 2
+
+
+def test_chat_counts_a_press_answered_with_a_notice_only_as_answered(sb, api, token):
+    def bot() -> None:
+        hello = api.ok("getUpdates", timeout=5)[-1]
+        api.ok("sendMessage", chat_id=209, text="menu", reply_markup={
+            "inline_keyboard": [[{"text": "Save", "callback_data": "save"}]]})
+        press = api.ok("getUpdates", offset=hello["update_id"] + 1, timeout=5)[-1]
+        api.ok("answerCallbackQuery", callback_query_id=press["callback_query"]["id"],
+               text="Saved.")
+    answered = in_thread(bot)
+    stdout = io.StringIO()
+    assert chat(sb.url, token, user_id=209, stdin=io.StringIO("hi\n#1\n"), stdout=stdout,
+                reply_timeout=2) == 0, stdout.getvalue()
+    answered()
+    assert "bot: menu\n  [1] Save\nbot (button answer): Saved.\n" in stdout.getvalue()

@@ -1,13 +1,13 @@
-"""Write telegram_sandbox_spec.json: the part of the Bot API spec the sandbox serves.
+"""Write telegram_sandbox/bot_api_spec.json: the part of the Bot API spec the sandbox serves.
 
 Reads the full machine-readable spec (../shared/bot-api/api.json beside the repository by
-default), keeps the methods telegram_sandbox.py serves and every type reachable from their
-parameters and results (other methods by name only), drops the prose, and records the constant of each discriminator
+default), keeps the methods the telegram_sandbox package serves and every type reachable
+from their parameters and results (other methods by name only), drops the prose, and records the constant of each discriminator
 field ("Scope type, must be default" -> "const": "default") so union types can be told apart.
 
     python tools/extract_bot_api_spec.py [--spec PATH] [--out PATH]
 
-Imports only the standard library and telegram_sandbox (for the list of served methods).
+Imports only the standard library and telegram_sandbox.constants (the list of served methods).
 """
 
 import argparse
@@ -19,10 +19,10 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from telegram_sandbox import SERVED_METHODS  # noqa: E402 (needs the repository on sys.path)
+from telegram_sandbox.constants import SERVED_METHODS  # noqa: E402 (needs the repository on sys.path)
 
 DEFAULT_SPEC = REPO.parent / "shared" / "bot-api" / "api.json"
-DEFAULT_OUT = REPO / "telegram_sandbox_spec.json"
+DEFAULT_OUT = REPO / "telegram_sandbox" / "bot_api_spec.json"
 CONST_RE = re.compile(r"(?:must be|always) [\"“*]?([a-z_]+)[\"”*]?")
 
 
@@ -75,7 +75,7 @@ def extract(spec: dict, methods: list[str]) -> dict:
         types[name] = compact
     return {
         "about": "Extract of the Telegram Bot API spec (PaulSonOfLars/telegram-bot-api-spec, MIT) "
-                 "made by tools/extract_bot_api_spec.py for telegram_sandbox.py",
+                 "made by tools/extract_bot_api_spec.py for the telegram_sandbox package",
         "version": spec["version"],
         "release_date": spec["release_date"],
         "methods": {
