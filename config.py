@@ -286,7 +286,7 @@ def _data_dir(explicit: str | os.PathLike | None, env: Mapping[str, str], top: d
     if file_path is not None:
         return file_path.parent / "var", f"the default, var beside {file_path}"
     looked = " and ".join(str(p) for p in config_candidates(None, env))
-    return Path("var"), f"the default, var in the working directory: no configuration file ({looked}) exists"
+    return Path("var"), f"the default, var in the working directory; no configuration file: looked for {looked}"
 
 
 def _database(check: _Checker, values: dict[str, Any], env: Mapping[str, str]) -> DatabaseConfig:

@@ -211,12 +211,12 @@ class EnhancedIPCCommands:
         key = read_authkey(self.config.data_dir)
         if not path.exists() or key is None:
             raise CommandError(f"the supervisor is not running (no control socket at {path}; {self._where()}); "
-                               f"start it with: python3 {INSTALLATION / 'main.py'}", EXIT_NO_SUPERVISOR)
+                               f"start it with {INSTALLATION / 'run'}", EXIT_NO_SUPERVISOR)
         try:
             answer = request(path, key, {**payload, "timeout": timeout}, timeout=timeout + 5)
         except (ConnectionRefusedError, FileNotFoundError, EOFError):
             raise CommandError(f"the supervisor is not running (nothing answers on {path}; {self._where()}); "
-                               f"start it with: python3 {INSTALLATION / 'main.py'}", EXIT_NO_SUPERVISOR) from None
+                               f"start it with {INSTALLATION / 'run'}", EXIT_NO_SUPERVISOR) from None
         except AuthenticationError:
             raise CommandError(f"the supervisor on {path} refused the key in {self.config.data_dir / KEY_FILE}: "
                                "it runs with another data directory (data_dir, DIMS_DATA_DIR)") from None
@@ -325,9 +325,9 @@ class EnhancedIPCCommands:
             config = load_config(demo)   # the demo's bots, while `python main.py` runs the demo
         if not any(b.name == args.name for b in config.bots):
             known = ", ".join(b.name for b in config.bots) or "none"
-            raise CommandError(f"bot {args.name!r} is not configured (known: {known}); the demo's bots (alpha, beta) "
-                               f"exist while the demo runs: start it with python3 {INSTALLATION / 'main.py'} "
-                               f"(no bot configured), then chat again ({self._where()})", EXIT_USAGE)
+            raise CommandError(f"bot {args.name!r} is not configured (known: {known}). The demo's bots (alpha, beta) "
+                               f"exist while the demo runs: start it with {INSTALLATION / 'run'} (with no bot "
+                               f"configured), then chat again ({self._where()})", EXIT_USAGE)
         bot = config.bot(args.name)
         token = bot.require_token()
         api_url = config.telegram.api_url
@@ -335,7 +335,7 @@ class EnhancedIPCCommands:
             raise CommandError(f"chat talks to the Telegram sandbox, but bot {bot.name} uses {api_url}; "
                                "use a real Telegram client for it", EXIT_USAGE)
         self._start_logging(config)
-        from telegram_sandbox.chat import chat
+        from telegram_sandbox.terminal_chat import chat
         code = chat(api_url[: -len("/bot")], token, user_id=args.user_id,
                     describe_silence=lambda: self._bot_state(bot.name))
         return code, {"bot": bot.name}

@@ -384,12 +384,13 @@ def test_a_bot_whose_token_variable_is_missing_is_fatal_alone_and_the_cli_needs_
 def test_chat_with_a_stopped_bot_says_it_is_not_answering_and_why(make_fleet):
     fleet = make_fleet().start(["alpha", "beta"])
     fleet.ctl({"command": "bot_stop", "name": "beta"})
-    chat = subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), "chat", "beta"], env=fleet.env,
-                          input="/start\n", capture_output=True, text=True, timeout=60)
+    chat = subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), "chat", "beta", "--config",
+                           str(fleet.config)], env=fleet.env, input="/start\n", capture_output=True, text=True, timeout=60)
     assert chat.returncode == 1, chat.stdout + chat.stderr
     assert "no answer" in chat.stdout and "bot beta is STOPPED (stopped by an operator; bot_start starts it)" in chat.stdout
-    answered = subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), "chat", "alpha"],
-                              env=fleet.env, input="/start\n", capture_output=True, text=True, timeout=60)
+    answered = subprocess.run([sys.executable, str(ROOT / "enhanced_ipc_commands.py"), "chat", "alpha", "--config",
+                               str(fleet.config)], env=fleet.env, input="/start\n", capture_output=True, text=True,
+                              timeout=60)
     assert answered.returncode == 0 and "no answer" not in answered.stdout
 
 
@@ -400,7 +401,7 @@ def test_chat_with_no_demo_running_says_how_to_start_it(tmp_path):
                           input="", capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert chat.returncode == 2
     assert "bot 'alpha' is not configured (known: none)" in chat.stderr
-    assert f"start it with python3 {ROOT / 'main.py'}" in chat.stderr
+    assert f"start it with {ROOT / 'run'}" in chat.stderr
 
 
 def _stat(pid: int) -> tuple[str, int]:
