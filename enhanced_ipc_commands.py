@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, TextIO
 
 import cli_output as show
+import health
 import roster_files
 from config import INSTALLATION, Config, ConfigError, install_log_redaction, load_config
 from control import KEY_FILE, read_authkey, request
@@ -262,58 +263,35 @@ class EnhancedIPCCommands:
         return EXIT_OK, {"bots": answer["bots"]}
 
     def system_health(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
-        """ok: every wanted bot RUNNING with a fresh heartbeat, the database answers, nothing
-        pending; down: no supervisor or no database; degraded: anything in between."""
-        problems: list[str] = []
+        """The fleet's health (`health.py`): ok, degraded or down, with every problem."""
         try:
             fleet = self._supervisor({"command": "bot_list"})
-            supervisor = {"status": "ok", **fleet["supervisor"]}
-            bots = [_bot_health(b, fleet["heartbeat_timeout_s"]) for b in fleet["bots"]]
-            problems += [f"bot {b['name']}: {b['reason']}" for b in bots if b["status"] != "ok"]
         except CommandError as exc:
-            supervisor, bots = {"status": "down", "reason": str(exc)}, []
-            problems.append(str(exc))
-        database = self._database_health()
-        if database["status"] != "ok":
-            problems.append(f"database: {database['reason']}")
-        if supervisor["status"] == "down" or database["status"] == "down":
-            status = "down"
-        elif problems:
-            status = "degraded"
+            fleet, unreachable = None, str(exc)
         else:
-            status = "ok"
-        result = {"status": status, "problems": problems, "supervisor": supervisor, "bots": bots, "database": database}
-        return (EXIT_OK if status == "ok" else EXIT_FAILED), result
+            unreachable = None
+        report = health.system_health(fleet, unreachable, self._database_facts())
+        return (EXIT_OK if report["status"] == "ok" else EXIT_FAILED), report
 
-    def _database_health(self) -> dict[str, Any]:
+    def _database_facts(self) -> dict[str, Any]:
+        """What the database says for health: latency, migrations, inbox counts (or why not)."""
         from multiprocess_connection_manager import DatabaseError, Migrator
         manager = self._database()
         if manager.embedded is not None and not manager.embedded.is_accepting():   # a health check starts nothing
-            return {"status": "down", "reason": f"the embedded PostgreSQL in {manager.embedded.pgdata} is not running "
-                                                "(python main.py or db_status starts it)"}
+            return {"error": f"the embedded PostgreSQL in {manager.embedded.pgdata} is not running "
+                             "(python main.py or db_status starts it)"}
         try:
             db = manager.connection_manager()
             started = time.perf_counter()
             db.fetchval("SELECT 1")
             latency = round((time.perf_counter() - started) * 1000, 2)
             migrations = Migrator(db).status().as_dict()
-            inbox = db.fetchdicts(_INBOX_SQL) if db.fetchval("SELECT to_regclass('dims_inbox')") else []
+            inbox = db.fetchdicts(health.INBOX_SQL) if db.fetchval("SELECT to_regclass('dims_inbox')") else []
         except DatabaseError as exc:
-            return {"status": "down", "reason": str(exc)}
+            return {"error": str(exc)}
         finally:
             manager.shutdown()
-        health = {"status": "ok", "latency_ms": latency, "migrations": migrations, "inbox": inbox}
-        reasons = []
-        if migrations["pending"]:
-            reasons.append(f"{migrations['pending']} migrations pending (run db_migrate)")
-        if migrations["drifted"]:
-            reasons.append(f"{len(migrations['drifted'])} migrations drifted")
-        dead = sum(row["dead"] for row in inbox)
-        if dead:
-            reasons.append(f"{dead} updates parked as dead in the inbox")
-        if reasons:
-            health.update(status="degraded", reason="; ".join(reasons))
-        return health
+        return {"latency_ms": latency, "migrations": migrations, "inbox": inbox}
 
     def chat(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         """Talk to a bot in the sandbox as a Telegram user, from this terminal."""
@@ -376,26 +354,6 @@ _OTHER_DIMS_PROCESSES_SQL = """
       FROM pg_stat_activity
      WHERE application_name LIKE 'dims:%%' AND pid <> pg_backend_pid()
      GROUP BY application_name ORDER BY application_name"""
-
-_INBOX_SQL = """
-    SELECT bot, count(*) FILTER (WHERE status = 'pending') AS backlog,
-           count(*) FILTER (WHERE status = 'dead') AS dead
-      FROM dims_inbox WHERE status <> 'done' GROUP BY bot ORDER BY bot"""
-
-
-def _bot_health(row: dict[str, Any], heartbeat_timeout: float) -> dict[str, Any]:
-    """One bot's health: ok (reason null), degraded or down, with the reason."""
-    health = {"name": row["name"], "state": row["state"], "status": "ok", "reason": None}
-    if row["wanted"] == "stopped":
-        health["reason"] = "stopped by an operator"
-    elif row["state"] != "RUNNING":
-        health.update(status="down", reason=f"{row['state']}" + (f": {row['last_error']}" if row["last_error"] else ""))
-    elif row["heartbeat_age_s"] is None or row["heartbeat_age_s"] > heartbeat_timeout:
-        health.update(status="degraded", reason=f"no heartbeat for {row['heartbeat_age_s']} s")
-    elif row.get("problem"):
-        health.update(status="degraded", reason=row["problem"])
-    return health
-
 
 # --------------------------------------------------------------------------- arguments and the command table
 

@@ -1,6 +1,7 @@
 """ProcessSupervisor: the lifecycle of every configured bot, each in its own OS process - start,
-watch, restart with backoff, give up (FATAL) when restarting does not help, stop - and the
-operator's requests from the control socket.
+watch, restart with backoff, give up (FATAL) when restarting does not help, stop, reload. The
+operator's requests from the control socket are answered by `control_requests.ControlRequests`,
+which the loop feeds.
 
 The supervisor is one loop blocked on `Host.wait()` over the children's pipes and sentinels and
 a wake-up pipe (written by signal handlers and the control socket's thread), so a death, a
@@ -16,9 +17,9 @@ clocks, randomness, the OOM killer's count) and its database work through a
 passed in, so the policy is unit tested with fakes and scripted histories
 (tests/test_supervisor_policy.py) as well as with real processes (tests/test_supervisor.py).
 
-Called by `main.py`. Imports: `backoff`, `config`, `control`, `host`, `states`, `pipe_protocol`,
-`process_setup`, and `bot_process` and `database_agent` for their entry functions (light at
-import: neither loads telegram or psycopg2 in this process).
+Called by `main.py`. Imports: `backoff`, `config`, `control`, `control_requests`, `host`,
+`states`, `pipe_protocol`, `process_setup`, and `bot_process` and `database_agent` for their
+entry functions (light at import: neither loads telegram or psycopg2 in this process).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import queue
 import signal
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from backoff import Backoff
 from bot_process import child_config, child_main
 from config import BotConfig, Config, load_config, pool_max_for
-from control import BAD_REQUEST, CACHE_FIELDS, ControlServer, SocketInUse, claim, make_authkey
+from control import ControlServer, SocketInUse, claim, make_authkey
+from control_requests import ControlRequests
 from database_agent import AgentUnavailable, DatabaseAgent
 from host import Host
 from pipe_protocol import Kind, Message
@@ -43,7 +45,6 @@ from states import ALLOWED_MOVES, EXIT_TOKEN_REJECTED, LIVE, IllegalMove, State,
 
 log = logging.getLogger("dims.supervisor")
 
-STATS_WAIT_S = 3.0        # a bot asked for fresh stats must answer within this
 RELOAD_STATES_WAIT_S = 2.0  # a reload waits this long for the added bots' desired states
 
 
@@ -108,35 +109,6 @@ class Child:
         return self.process.pid if self.process is not None and self.state in LIVE else None
 
 
-class Waiter:
-    """An operator's request waiting for a bot to reach one of `targets` (or fail into `terminal`)."""
-
-    def __init__(self, name: str, targets: set[State], terminal: set[State], deadline: float,
-                 reply: Callable[[dict], None]):
-        self.name, self.targets, self.terminal, self.deadline, self.reply = name, targets, terminal, deadline, reply
-
-
-class StatsQuery:
-    """A request for fresh stats from several bots, answered once all replied or the deadline passed."""
-
-    def __init__(self, names: list[str], asked: set[str], deadline: float, reply: Callable[[dict], None],
-                 row: Callable[[Child, dict], dict]):
-        self.results: dict[str, dict | None] = {name: None for name in names}
-        self.asked, self.deadline, self.reply, self.row = asked, deadline, reply, row
-
-    def answer(self, children: dict[str, Child]) -> None:
-        rows = []
-        for name, stats in self.results.items():
-            child = children.get(name)
-            if child is None:
-                continue
-            if stats is None:   # could not answer: not RUNNING, or silent until the deadline
-                rows.append({**self.row(child, {}), "state": child.state.value, "unavailable": True})
-            else:
-                rows.append(self.row(child, stats))
-        self.reply({"status": "ok", "bots": rows})
-
-
 # --------------------------------------------------------------------------- the supervisor
 
 
@@ -158,9 +130,7 @@ class ProcessSupervisor:
         os.set_blocking(self._wake_r, False)
         if control is not None:
             control.wake = self._wake
-        self._waiters: list[Waiter] = []
-        self._queries: dict[int, StatsQuery] = {}
-        self._next_id = 1
+        self.requests = ControlRequests(self)
         self._shutting_down = False
         self.started_at = self.host.time()
 
@@ -178,7 +148,7 @@ class ProcessSupervisor:
             logging.WARNING if new in (State.EXITED, State.BACKOFF) else logging.INFO)
         log.log(level, "bot %s: %s -> %s%s%s", child.name, old.value, new.value, suffix, f": {reason}" if reason else "")
         self.agent.record(child.name, "state", reason, state_from=old, state_to=new, pid=pid)
-        self._settle_waiters(child)
+        self.requests.on_state_change(child)
 
     # -- lifecycle of one child
 
@@ -193,7 +163,7 @@ class ProcessSupervisor:
             child.next_start = float("inf")
             if child.state is State.FATAL:
                 log.error("bot %s: still cannot start: %s", child.name, child.last_error)
-                self._settle_waiters(child)
+                self.requests.on_state_change(child)
             else:
                 self.change_state(child, State.FATAL, f"cannot start: {child.last_error}")
             return
@@ -230,7 +200,7 @@ class ProcessSupervisor:
             return
         self.change_state(child, State.STOPPING)
         child.stop_deadline = self.host.monotonic() + self.settings.stop_timeout
-        self._send(child, Message(Kind.STOP))
+        self.send(child, Message(Kind.STOP))
 
     def _forget_if_stopped(self, child: Child) -> None:
         if child.removed and child.state is State.STOPPED:
@@ -296,7 +266,7 @@ class ProcessSupervisor:
         child.next_start = now + delay
         self.change_state(child, State.BACKOFF, f"restarting in {delay:.2f} s")
 
-    def _send(self, child: Child, message: Message) -> bool:
+    def send(self, child: Child, message: Message) -> bool:
         if child.conn is None:
             return False
         try:
@@ -324,7 +294,7 @@ class ProcessSupervisor:
             child.running_since = self.host.monotonic()
             self.change_state(child, State.RUNNING)
         elif message.kind is Kind.REPLY:
-            self._on_stats_reply(child, message)
+            self.requests.on_stats_reply(child, message)
 
     # -- timers: backoff, fatal cool-down, stop deadlines, watchdogs
 
@@ -357,21 +327,7 @@ class ProcessSupervisor:
                     self._kill_hung(child, f"not ready after {waited:.1f} s")
                 else:
                     next_due.append(self.settings.start_timeout - waited)
-        for query_id, query in list(self._queries.items()):
-            if now >= query.deadline:
-                self._finish_query(query_id)
-            else:
-                next_due.append(query.deadline - now)
-        for waiter in list(self._waiters):
-            if now < waiter.deadline:
-                next_due.append(waiter.deadline - now)
-                continue
-            self._waiters.remove(waiter)
-            child = self.children.get(waiter.name)
-            waiter.reply({"status": "error",
-                          "reason": f"bot {waiter.name} is {child.state.value if child else 'gone'} after waiting; "
-                                    f"it did not reach {'/'.join(s.value for s in waiter.targets)}",
-                          "bot": self._bot_row(child) if child else None})
+        next_due.append(self.requests.run_timers(now))
         return max(0.0, min(next_due))
 
     def _push_stop(self, child: Child, now: float) -> float:
@@ -446,7 +402,7 @@ class ProcessSupervisor:
                     payload, reply = self.control.requests.get_nowait()
                 except queue.Empty:
                     break
-                self.handle_request(payload, reply)
+                self.requests.handle(payload, reply)
 
     def _handle_signal(self, signum: int) -> None:
         if signum == signal.SIGHUP:
@@ -573,168 +529,3 @@ class ProcessSupervisor:
                 self.start_bot(self.children[name])
         self.agent.record(None, "reload", "", added=added, removed=removed, changed=changed)
         return {"status": "ok", "added": added, "removed": removed, "changed": changed}
-
-    # -- control requests (checked against control.COMMANDS by the control server)
-
-    def _bot_row(self, child: Child) -> dict[str, Any]:
-        now = self.host.monotonic()
-        live = child.state in LIVE
-        return {
-            "name": child.name, "state": child.state.value, "pid": child.pid,
-            "uptime_s": round(now - child.running_since, 1) if child.state is State.RUNNING else None,
-            "restarts": child.restarts, "operator_restarts": child.operator_restarts,
-            "heartbeat_age_s": round(now - child.last_heartbeat, 1) if live and child.last_heartbeat else None,
-            "updates_handled": child.stats.get("updates_handled", 0),
-            "backlog": child.stats.get("backlog"),
-            "last_error": child.last_error or child.stats.get("last_error"),
-            "problem": child.stats.get("problem") if child.state is State.RUNNING else None,
-            "wanted": "running" if child.wanted else "stopped",
-        }
-
-    def handle_request(self, payload: dict[str, Any], reply: Callable[[dict], None]) -> None:
-        command = payload.get("command")
-        handler = getattr(self, f"_cmd_{command}", None) if isinstance(command, str) else None
-        if handler is None:
-            reply({"status": "error", "reason": f"unknown command {command!r}", "code": BAD_REQUEST})
-            return
-        try:
-            handler(payload, reply)
-        except Exception as exc:  # answered, logged; the supervisor carries on
-            log.exception("control command %s failed", command)
-            reply({"status": "error", "reason": f"{type(exc).__name__}: {exc}"})
-
-    def _unknown(self, name: Any, reply: Callable[[dict], None]) -> None:
-        known = ", ".join(self.children) or "none"
-        reply({"status": "error", "reason": f"bot {name!r} is not configured (known: {known})", "code": BAD_REQUEST})
-
-    def _named(self, payload: dict[str, Any], reply: Callable[[dict], None]) -> Child | None:
-        name = payload.get("name")
-        child = self.children.get(name) if isinstance(name, str) else None
-        if child is None:
-            self._unknown(name, reply)
-        return child
-
-    def _uptime(self) -> float:
-        return round(self.host.time() - self.started_at, 1)
-
-    def _cmd_ping(self, payload, reply) -> None:
-        reply({"status": "ok", "pid": os.getpid(), "uptime_s": self._uptime()})
-
-    def _cmd_bot_list(self, payload, reply) -> None:
-        reply({"status": "ok", "supervisor": {"pid": os.getpid(), "uptime_s": self._uptime(),
-                                              "socket": str(self.config.socket_path)},
-               "heartbeat_timeout_s": self.settings.heartbeat_timeout,
-               "bots": [self._bot_row(c) for c in self.children.values()]})
-
-    def _wanted(self, payload, reply, running: bool) -> Child | None:
-        """The named bot with its desired state set and saved (None: answered with an error)."""
-        child = self._named(payload, reply)
-        if child is not None:
-            child.wanted = running
-            self.agent.save_desired(child.name, running)
-        return child
-
-    def _bring_up(self, child: Child, restart: bool) -> None:
-        if child.state is State.STOPPING:
-            child.restart_after_stop = True
-        elif restart and child.state in (State.STARTING, State.RUNNING):
-            self.stop_bot(child, restart=True)
-        else:
-            self.start_bot(child)
-
-    def _cmd_bot_start(self, payload, reply) -> None:
-        self._start_and_wait(payload, reply, restart=False)
-
-    def _cmd_bot_restart(self, payload, reply) -> None:
-        self._start_and_wait(payload, reply, restart=True)
-
-    def _start_and_wait(self, payload, reply, restart: bool) -> None:
-        """Bring the bot up (a running one only when restarting); answer once it is RUNNING."""
-        child = self._wanted(payload, reply, running=True)
-        if child is None:
-            return
-        if child.state is State.RUNNING and not restart:
-            reply({"status": "ok", "bot": self._bot_row(child), "changed": False})
-            return
-        self._bring_up(child, restart)
-        self._wait_for(child, {State.RUNNING}, payload, reply, terminal={State.FATAL})
-
-    def _cmd_bot_stop(self, payload, reply) -> None:
-        child = self._wanted(payload, reply, running=False)
-        if child is None:
-            return
-        child.restart_after_stop = False
-        if child.state is State.STOPPED:
-            reply({"status": "ok", "bot": self._bot_row(child), "changed": False})
-            return
-        self.stop_bot(child)
-        self._wait_for(child, {State.STOPPED}, payload, reply)
-
-    def _cmd_wait(self, payload, reply) -> None:
-        """Answer when the bot is in one of payload["states"] (or after payload["timeout"])."""
-        child = self._named(payload, reply)
-        if child is not None:
-            try:
-                states = {State(s) for s in payload.get("states") or ()}
-            except ValueError:
-                reply({"status": "error", "reason": f"unknown state in {payload.get('states')}", "code": BAD_REQUEST})
-                return
-            self._wait_for(child, states, payload, reply)
-
-    def _cmd_reload(self, payload, reply) -> None:
-        reply(self.reload())
-
-    def _cmd_cache_stats(self, payload, reply) -> None:
-        self._query_children(payload, reply, lambda child, stats: {"name": child.name, **dict.fromkeys(CACHE_FIELDS),
-                                                                   **(stats.get("cache") or {})})
-
-    def _cmd_stats(self, payload, reply) -> None:
-        self._query_children(payload, reply, lambda child, stats: {"name": child.name, **stats})
-
-    def _wait_for(self, child: Child, targets: set[State], payload, reply, terminal: set[State] = frozenset()) -> None:
-        if child.state in targets:
-            reply({"status": "ok", "bot": self._bot_row(child), "changed": True})
-            return
-        deadline = self.host.monotonic() + float(payload.get("timeout", 30))
-        self._waiters.append(Waiter(child.name, set(targets), set(terminal), deadline, reply))
-        self._settle_waiters(child)   # already failed (FATAL at once: no token)
-
-    def _settle_waiters(self, child: Child) -> None:
-        for waiter in list(self._waiters):
-            if waiter.name != child.name or child.state not in waiter.targets | waiter.terminal:
-                continue
-            self._waiters.remove(waiter)
-            if child.state in waiter.targets:
-                waiter.reply({"status": "ok", "bot": self._bot_row(child), "changed": True})
-            else:
-                waiter.reply({"status": "error", "reason": f"bot {child.name} is {child.state.value}: {child.last_error}",
-                              "bot": self._bot_row(child)})
-
-    def _query_children(self, payload, reply, row: Callable[[Child, dict], dict]) -> None:
-        """Ask every RUNNING bot (or the one named) for fresh stats; answer when all replied. A bot
-        that cannot answer (not RUNNING, or silent for STATS_WAIT_S) gets the row of no stats,
-        marked `unavailable`, with its state."""
-        names = [payload["name"]] if payload.get("name") else list(self.children)
-        unknown = [n for n in names if n not in self.children]
-        if unknown:
-            self._unknown(unknown[0], reply)
-            return
-        query_id = self._next_id
-        self._next_id += 1
-        asked = {n for n in names if self.children[n].state is State.RUNNING
-                 and self._send(self.children[n], Message(Kind.STATS, id=query_id))}
-        self._queries[query_id] = StatsQuery(names, asked, self.host.monotonic() + STATS_WAIT_S, reply, row)
-        if not asked:
-            self._finish_query(query_id)
-
-    def _on_stats_reply(self, child: Child, message: Message) -> None:
-        query = self._queries.get(message.id)
-        if query is None:
-            return
-        query.results[child.name] = message.body
-        query.asked.discard(child.name)
-        if not query.asked:
-            self._finish_query(message.id)
-
-    def _finish_query(self, query_id: int) -> None:
-        self._queries.pop(query_id).answer(self.children)

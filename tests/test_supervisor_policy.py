@@ -74,7 +74,7 @@ class Fleet:
 
     def request(self, **payload) -> list[dict]:
         replies: list[dict] = []
-        self.sup.handle_request({"timeout": 30, **payload}, replies.append)
+        self.sup.requests.handle({"timeout": 30, **payload}, replies.append)
         return replies
 
     def starts(self, name: str) -> list[float]:

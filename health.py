@@ -1,0 +1,79 @@
+"""The fleet's health as an operator and a monitor read it: `ok`, `degraded` or `down`, for each
+bot, for the database, and in all, with every problem named.
+
+`system_health()` turns what the supervisor reports (its `bot_list` answer) and what the
+database says (latency, migrations, inbox counts) into the `system_health --json` object. A bot
+is `ok` when it is wanted, RUNNING, with a fresh heartbeat and no problem of its own (its
+heartbeats carry what keeps it from its work, e.g. an unreachable database); `down` when it is
+wanted but not running; `degraded` in between. The whole is `down` without a supervisor or a
+database, `degraded` with any problem, else `ok`.
+
+Called by the operator CLI. Pure functions of their arguments; standard library only, nothing
+of DIMS (the caller gathers the facts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+INBOX_SQL = """
+    SELECT bot, count(*) FILTER (WHERE status = 'pending') AS backlog,
+           count(*) FILTER (WHERE status = 'dead') AS dead
+      FROM dims_inbox WHERE status <> 'done' GROUP BY bot ORDER BY bot"""
+
+
+def bot_health(row: dict[str, Any], heartbeat_timeout: float) -> dict[str, Any]:
+    """One bot's health from its bot_list row: ok (reason null), degraded or down, with the reason."""
+    report = {"name": row["name"], "state": row["state"], "status": "ok", "reason": None}
+    if row["wanted"] == "stopped":
+        report["reason"] = "stopped by an operator"
+    elif row["state"] != "RUNNING":
+        report.update(status="down", reason=f"{row['state']}" + (f": {row['last_error']}" if row["last_error"] else ""))
+    elif row["heartbeat_age_s"] is None or row["heartbeat_age_s"] > heartbeat_timeout:
+        report.update(status="degraded", reason=f"no heartbeat for {row['heartbeat_age_s']} s")
+    elif row.get("problem"):
+        report.update(status="degraded", reason=row["problem"])
+    return report
+
+
+def database_health(facts: dict[str, Any]) -> dict[str, Any]:
+    """The database's health from what it answered ({"latency_ms", "migrations", "inbox"}) or
+    why it could not ({"error"})."""
+    if "error" in facts:
+        return {"status": "down", "reason": facts["error"]}
+    report = {"status": "ok", **facts}
+    reasons = []
+    migrations = facts["migrations"]
+    if migrations["pending"]:
+        reasons.append(f"{migrations['pending']} migrations pending (run db_migrate)")
+    if migrations["drifted"]:
+        reasons.append(f"{len(migrations['drifted'])} migrations drifted")
+    dead = sum(row["dead"] for row in facts["inbox"])
+    if dead:
+        reasons.append(f"{dead} updates parked as dead in the inbox")
+    if reasons:
+        report.update(status="degraded", reason="; ".join(reasons))
+    return report
+
+
+def system_health(fleet: dict[str, Any] | None, unreachable: str | None, database: dict[str, Any]) -> dict[str, Any]:
+    """The `system_health` object from the supervisor's bot_list answer (None, with the reason
+    it could not be asked) and the database's facts."""
+    problems: list[str] = []
+    if fleet is None:
+        supervisor, bots = {"status": "down", "reason": unreachable}, []
+        problems.append(unreachable)
+    else:
+        supervisor = {"status": "ok", **fleet["supervisor"]}
+        bots = [bot_health(row, fleet["heartbeat_timeout_s"]) for row in fleet["bots"]]
+        problems += [f"bot {b['name']}: {b['reason']}" for b in bots if b["status"] != "ok"]
+    db = database_health(database)
+    if db["status"] != "ok":
+        problems.append(f"database: {db['reason']}")
+    if supervisor["status"] == "down" or db["status"] == "down":
+        status = "down"
+    elif problems:
+        status = "degraded"
+    else:
+        status = "ok"
+    return {"status": status, "problems": problems, "supervisor": supervisor, "bots": bots, "database": db}
