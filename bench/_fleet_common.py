@@ -304,7 +304,7 @@ class DimsFleet:
 
     def forkserver_pid(self) -> int | None:
         for pid in children(self.process.pid):
-            if "multiprocessing.forkserver" in cmdline(pid):
+            if cmdline(pid).startswith("dims: forkserver") or "multiprocessing.forkserver" in cmdline(pid):
                 return pid
         return None
 

@@ -39,16 +39,18 @@ def dims_env(database_url: str, api_url: str, data_dir: Path) -> dict[str, str]:
 
 
 class DimsProcess:
-    """`python main.py ARGS` as a real process, its log in a file."""
+    """`python main.py ARGS` (or another installation's main.py) as a real process, its log in a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, program: Path = ROOT / "main.py",
+                 cwd: Path | None = None):
         self.args, self.env, self.log_path = args, env, log_path
+        self.program, self.cwd = program, cwd or log_path.parent
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "DimsProcess":
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *self.args], env=self.env,
-                                        stdout=self._log, stderr=subprocess.STDOUT, cwd=self.log_path.parent)
+        self.process = subprocess.Popen([sys.executable, str(self.program), *self.args], env=self.env,
+                                        stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd)
         return self
 
     @property

@@ -23,7 +23,7 @@ from control import CACHE_FIELDS, HANDSHAKE_TIMEOUT, read_authkey, request
 from states import ALLOWED_MOVES, State
 from telegram_sandbox import Sandbox
 from tests.conftest import ROOT
-from tests.support import TOKENS, Chat, DimsProcess, dims_env, write_config
+from tests.support import TOKENS, Chat, DimsProcess, copy_installation, dims_env, write_config
 
 SUPERVISOR_SETTINGS = """
 [supervisor]
@@ -164,6 +164,9 @@ def test_killed_bot_is_back_and_answering_with_the_restart_counted(make_fleet, s
     events = eventually(lambda: db.fetchall(query), lambda rows: len(rows) >= 9 and rows[-1][1] == "RUNNING")
     db.close()
     assert ("exit", None, old["pid"], "killed by SIGKILL") in events
+    log = fleet.process.log()
+    assert f"WARNING dims.supervisor: bot alpha: RUNNING -> EXITED (pid {old['pid']}): killed by SIGKILL" in log
+    assert "WARNING dims.supervisor: bot alpha: EXITED -> BACKOFF: restarting in" in log
     kinds = [kind for kind, *_ in events]
     assert kinds.count("start") == 2 and "restart" in kinds
     assert [to for kind, to, *_ in events if kind == "state"] == \
@@ -402,6 +405,32 @@ def test_chat_with_no_demo_running_says_how_to_start_it(tmp_path):
     assert chat.returncode == 2
     assert "bot 'alpha' is not configured (known: none)" in chat.stderr
     assert f"start it with {ROOT / 'run'}" in chat.stderr
+
+
+def test_dims_linked_onto_the_path_manages_the_supervisor_of_its_installation_from_anywhere(tmp_path, database_url,
+                                                                                            sandbox):
+    installation = copy_installation(Path(tempfile.mkdtemp(prefix="dims-inst-")))   # short: AF_UNIX paths
+    try:
+        write_config(installation / "dims.toml", {"alpha": {}}, extra=SUPERVISOR_SETTINGS)
+        env = {k: v for k, v in dims_env(database_url, sandbox.api_url, installation).items() if k != "DIMS_DATA_DIR"}
+        env["TMPDIR"] = str(installation)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        fleet = DimsProcess([], env, tmp_path / "fleet.log", program=installation / "main.py", cwd=elsewhere).start()
+        link = tmp_path / "bin" / "dims"
+        link.parent.mkdir()
+        link.symlink_to(installation / "dims")
+        shell = {k: v for k, v in env.items() if not k.endswith("_TOKEN")}   # an operator's shell
+        listed = eventually(lambda: subprocess.run([sys.executable, str(link), "bot_list", "--json"], env=shell,
+                                                   cwd=tmp_path, capture_output=True, text=True, timeout=60),
+                            lambda r: r.returncode == 0 and '"RUNNING"' in r.stdout, timeout=60)
+        assert listed.returncode == 0, listed.stderr + fleet.log()
+        report = json.loads(listed.stdout)
+        assert report["supervisor"]["socket"] == str(installation / "var" / "dims.sock")
+        assert [(b["name"], b["state"]) for b in report["bots"]] == [("alpha", "RUNNING")]
+        assert fleet.stop() == 0
+    finally:
+        shutil.rmtree(installation, ignore_errors=True)
 
 
 def _stat(pid: int) -> tuple[str, int]:
