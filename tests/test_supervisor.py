@@ -410,6 +410,7 @@ def test_chat_with_no_demo_running_says_how_to_start_it(tmp_path):
 def test_dims_linked_onto_the_path_manages_the_supervisor_of_its_installation_from_anywhere(tmp_path, database_url,
                                                                                             sandbox):
     installation = copy_installation(Path(tempfile.mkdtemp(prefix="dims-inst-")))   # short: AF_UNIX paths
+    fleet = None
     try:
         write_config(installation / "dims.toml", {"alpha": {}}, extra=SUPERVISOR_SETTINGS)
         env = {k: v for k, v in dims_env(database_url, sandbox.api_url, installation).items() if k != "DIMS_DATA_DIR"}
@@ -430,6 +431,8 @@ def test_dims_linked_onto_the_path_manages_the_supervisor_of_its_installation_fr
         assert [(b["name"], b["state"]) for b in report["bots"]] == [("alpha", "RUNNING")]
         assert fleet.stop() == 0
     finally:
+        if fleet is not None and fleet.process.poll() is None:
+            fleet.kill()
         shutil.rmtree(installation, ignore_errors=True)
 
 
