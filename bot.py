@@ -43,7 +43,7 @@ from inbox import MAX_ATTEMPTS, Inbox
 from multiprocess_connection_manager import (
     ConnectionManager, DatabaseError, DatabaseIntegrationManager, is_database_outage,
 )
-from states import EXIT_OK, EXIT_START_FAILED, EXIT_TOKEN_REJECTED
+from states import EXIT_FAILED, EXIT_OK, EXIT_START_FAILED, EXIT_TOKEN_REJECTED
 
 log = logging.getLogger(__name__)
 
@@ -156,21 +156,24 @@ class BotRunner:
         except InvalidToken:
             log.error("Telegram rejected this bot's token (401 Unauthorized): check the token; not retrying")
             return EXIT_TOKEN_REJECTED
+        # A stop asked for at any point (even while a database outage holds up the start) is seen
+        # by every wait of this runner, which all watch _stopping.
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        stopper.add_done_callback(lambda _: self._stopping.set())
         try:
             await self.app.bot.set_my_commands([BotCommand(n, fit(t, 256)) for n, t in USER_COMMANDS])
             log.info("serving as @%s (%s)", self.app.bot.username, self.bot_config.display_name)
             await self._schedule_pending()          # what an earlier run stored comes first
             tasks = [asyncio.create_task(self._fetch_loop(), name="fetch"),
                      asyncio.create_task(self._maintain(), name="maintain")]
-            if on_ready:
+            if on_ready and not self._stopping.is_set():
                 result = on_ready()
                 if asyncio.iscoroutine(result):
                     await result
-            stopper = asyncio.create_task(stop.wait(), name="stop")
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
             return await self._shutdown(tasks, stopper, done)
-            return await self._shutdown(tasks, stopper, done)
         finally:
+            stopper.cancel()
             await self.app.shutdown()
 
     async def _shutdown(self, tasks: list[asyncio.Task], stopper: asyncio.Task, done: set[asyncio.Task]) -> int:
@@ -187,7 +190,7 @@ class BotRunner:
             log.error("the bot stopped on an error", exc_info=exc)
         await self._confirm_offset()
         log.info("stopped after %d updates", self.stats.updates_handled)
-        return EXIT_OK
+        return EXIT_FAILED if failed else EXIT_OK
 
     async def _confirm_offset(self) -> None:
         """Tell Telegram that everything stored is received, so it is not sent again."""

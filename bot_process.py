@@ -76,9 +76,14 @@ class ChildChannel:
         self._heartbeat_task = loop.create_task(self._heartbeats())   # kept: the loop holds tasks weakly
 
     @staticmethod
-    def _stop(loop, stop) -> None:
-        with contextlib.suppress(RuntimeError):   # the loop already finished: nothing to stop
-            loop.call_soon_threadsafe(stop.set)
+    def _on_loop(loop, callback, *args) -> None:
+        with contextlib.suppress(RuntimeError):   # the loop already finished: nothing to do
+            loop.call_soon_threadsafe(callback, *args)
+
+    def _reply(self, request_id: int) -> None:
+        """On the event loop, like the heartbeats: a bot whose loop is stuck does not answer,
+        so the supervisor sees it as it is."""
+        self.send(Message(Kind.REPLY, self.runner.snapshot(), request_id))
 
     def ready(self) -> None:
         self.send(Message(Kind.READY, self.runner.snapshot()))
@@ -95,14 +100,14 @@ class ChildChannel:
                 message = Message.decode(self.conn.recv_bytes())
             except (EOFError, OSError):
                 log.warning("the supervisor is gone: stopping")
-                self._stop(loop, stop)
+                self._on_loop(loop, stop.set)
                 return
             except (ValueError, KeyError):
                 continue
             if message.kind is Kind.STOP:
-                self._stop(loop, stop)
+                self._on_loop(loop, stop.set)
             elif message.kind in (Kind.STATS, Kind.PING):
-                self.send(Message(Kind.REPLY, self.runner.snapshot(), message.id))
+                self._on_loop(loop, self._reply, message.id)
 
 
 def child_main(bot_config: BotConfig, config: Config, pool_max: int, log_level: str, conn: mpc.Connection) -> None:

@@ -75,6 +75,7 @@ class BotConfig(NamedTuple):
     admins: tuple[int, ...] = ()
     roster_tags: tuple[str, ...] = ()
     token_problem: str | None = None  # e.g. "dims.toml: bots[0].token_env: environment variable X is not set"
+    token_env: str | None = None      # the variable the token came from (None: the file, or BOT_TOKEN)
 
     def __repr__(self) -> str:
         return f"BotConfig(name={self.name!r}, display_name={self.display_name!r})"
@@ -265,6 +266,9 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     if env.get("DIMS_SOCKET"):
         sections["supervisor"]["socket"] = env["DIMS_SOCKET"]
     supervisor = SupervisorConfig(**sections["supervisor"])
+    if supervisor.backoff_initial > supervisor.backoff_max:
+        raise check.fail("supervisor.backoff_initial", f"is {supervisor.backoff_initial:g}, larger than "
+                                                       f"supervisor.backoff_max ({supervisor.backoff_max:g})")
 
     chosen_dir, source = _data_dir(data_dir, env, top, file_path)
 
@@ -322,7 +326,8 @@ def _bots(check: _Checker, raw_bots: Any, env: Mapping[str, str]) -> tuple[BotCo
         if not all(isinstance(t, str) and re.fullmatch(r"[a-z0-9_-]{1,32}", t) for t in tags):
             raise check.fail(f"{where}.roster_tags", "expected a list of tags matching [a-z0-9_-]{1,32}")
         bots.append(BotConfig(name=name, token=token, display_name=values.get("display_name") or name.title(),
-                              admins=tuple(admins), roster_tags=tuple(tags), token_problem=token_problem))
+                              admins=tuple(admins), roster_tags=tuple(tags), token_problem=token_problem,
+                              token_env=values.get("token_env")))
     if not bots and env.get("BOT_TOKEN"):
         token = env["BOT_TOKEN"].strip()
         if not TOKEN_RE.match(token):

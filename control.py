@@ -258,7 +258,7 @@ class ControlServer:
             conn.send_bytes(json.dumps(answer, default=str).encode())
         except mpc.AuthenticationError:
             self.log.warning("control socket: a client failed the handshake and was dropped")
-        except (EOFError, OSError, ValueError, TypeError, self._queue_module.Empty) as exc:
+        except (EOFError, OSError, ValueError, TypeError, RecursionError, self._queue_module.Empty) as exc:
             self.log.warning("control socket: dropped a client (%s)", type(exc).__name__)
         finally:
             watchdog.cancel()

@@ -95,11 +95,16 @@ class ControlRequests:
         known = ", ".join(self.sup.children) or "none"
         reply({"status": "error", "reason": f"bot {name!r} is not configured (known: {known})", "code": BAD_REQUEST})
 
-    def _named(self, payload: dict[str, Any], reply: Callable[[dict], None]) -> Any:
+    def _named(self, payload: dict[str, Any], reply: Callable[[dict], None], removed_ok: bool = False) -> Any:
+        """The named bot, or None once answered with why not (unknown, or being removed)."""
         name = payload.get("name")
         child = self.sup.children.get(name) if isinstance(name, str) else None
         if child is None:
             self._unknown(name, reply)
+        elif child.removed and not removed_ok:
+            reply({"status": "error", "reason": f"bot {name!r} is being removed (no longer configured)",
+                   "code": BAD_REQUEST})
+            return None
         return child
 
     def _uptime(self) -> float:
@@ -138,6 +143,9 @@ class ControlRequests:
 
     def _start_and_wait(self, payload, reply, restart: bool) -> None:
         """Bring the bot up (a running one only when restarting); answer once it is RUNNING."""
+        if self.sup.shutting_down:
+            reply({"status": "error", "reason": "the supervisor is stopping: no bot is started"})
+            return
         child = self._wanted(payload, reply, running=True)
         if child is None:
             return
@@ -160,7 +168,7 @@ class ControlRequests:
 
     def _cmd_wait(self, payload, reply) -> None:
         """Answer when the bot is in one of payload["states"] (or after payload["timeout"])."""
-        child = self._named(payload, reply)
+        child = self._named(payload, reply, removed_ok=True)
         if child is not None:
             try:
                 states = {State(s) for s in payload.get("states") or ()}

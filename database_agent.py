@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import deque
 import logging
 import multiprocessing.connection as mpc
 import os
@@ -33,7 +34,9 @@ from states import State, describe_exit
 
 log = logging.getLogger("dims.agent")
 
-QUEUE_MAX = 10_000
+QUEUE_MAX = 10_000          # messages the supervisor's sender thread holds before dropping events
+AGENT_BACKLOG_MAX = 100_000  # messages the agent holds while the database is down
+PIPE_WAIT_S = 5.0            # the longest the supervisor's side waits for the pipe
 
 
 class AgentUnavailable(RuntimeError):
@@ -70,14 +73,45 @@ def database_agent_main(config: Config, log_level: str, conn: mpc.Connection) ->
 
 
 def _serve(db, conn: mpc.Connection) -> None:
-    """Answer the supervisor until it stops us or goes away; wait out database outages."""
+    """Answer the supervisor until it stops us or goes away; wait out database outages.
+
+    A reader thread takes every message off the pipe at once, into a bounded backlog, so the
+    supervisor's writes never block however long an outage holds up the work (beyond the
+    backlog, the oldest events are dropped and counted; requests are never dropped)."""
     from multiprocess_connection_manager import is_database_outage
+    backlog: deque[Message] = deque()
+    ready = threading.Condition()
+    dropped = 0
+
+    def read() -> None:
+        nonlocal dropped
+        while True:
+            try:
+                message = Message.decode(conn.recv_bytes())
+            except (EOFError, OSError):
+                message = Message(Kind.STOP)
+            except (ValueError, KeyError):
+                continue
+            with ready:
+                if len(backlog) >= AGENT_BACKLOG_MAX:
+                    oldest_event = next((m for m in backlog if m.kind is Kind.EVENT), None)
+                    if oldest_event is not None:
+                        backlog.remove(oldest_event)
+                        dropped += 1
+                backlog.append(message)
+                ready.notify()
+            if message.kind is Kind.STOP:
+                return
+
+    threading.Thread(target=read, name="agent-reader", daemon=True).start()
     backoff = Backoff(0.1, 5.0)
     while True:
-        try:
-            message = Message.decode(conn.recv_bytes())
-        except EOFError:
-            return
+        with ready:
+            ready.wait_for(lambda: backlog)
+            message = backlog.popleft()
+            lost, dropped = dropped, 0
+        if lost:
+            log.warning("the event log fell behind during an outage: %d events were dropped", lost)
         if message.kind is Kind.STOP:
             return
         while True:
@@ -165,16 +199,19 @@ class DatabaseAgent:
         """The bots' desired states from the database, or None if no answer came in time."""
         if not names:
             return {}
-        with self._lock:
+        if not self._lock.acquire(timeout=min(timeout, PIPE_WAIT_S)):
+            return None   # the sender is stuck on the pipe: the agent is not answering
+        try:
             query = Message(Kind.DESIRED, {"names": names}, next(self._ids))
-            try:
-                self._conn.send_bytes(query.encode())
-                while self._conn.poll(timeout):
-                    reply = Message.decode(self._conn.recv_bytes())
-                    if reply.id == query.id:
-                        return reply.body["states"]
-            except (OSError, EOFError):
-                pass
+            self._conn.send_bytes(query.encode())
+            while self._conn.poll(timeout):
+                reply = Message.decode(self._conn.recv_bytes())
+                if reply.id == query.id:
+                    return reply.body["states"]
+        except (OSError, EOFError, ValueError, KeyError):
+            pass
+        finally:
+            self._lock.release()
         return None
 
     def record(self, bot: str | None, kind: str, message: str = "", *, state_from: State | None = None,
@@ -218,12 +255,21 @@ class DatabaseAgent:
                 return False
 
     def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued, then stop the agent."""
+        """Send what is queued (for up to `timeout`), then stop the agent."""
         if self._sender is not None:
-            self._queue.put(None)
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                pass
             self._sender.join(timeout)
         if self._process is not None:
-            self._deliver(Message(Kind.STOP))
+            if self._lock.acquire(timeout=timeout):
+                try:
+                    self._conn.send_bytes(Message(Kind.STOP).encode())
+                except (OSError, ValueError):
+                    pass
+                finally:
+                    self._lock.release()
             self._process.join(timeout)
             if self._process.is_alive():
                 self._process.kill()

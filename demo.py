@@ -39,7 +39,7 @@ def write_config(config: Config, api_url: str) -> Path:
     """The demo's configuration file, in the data directory; returns its path."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     path = config.data_dir / "demo.toml"
-    lines = [f'data_dir = "{config.data_dir}"', "", "[telegram]", f'api_url = "{api_url}"', ""]
+    lines = [f"data_dir = {_toml_string(str(config.data_dir))}", "", "[telegram]", f"api_url = {_toml_string(api_url)}", ""]
     if config.database.url:
         lines += ["[database]", f"url = {_toml_string(config.database.url)}", ""]
     if config.supervisor.socket:

@@ -51,10 +51,13 @@ class MissingRequirement(CommandError):
         requirements = INSTALLATION / "requirements.txt"
         super().__init__(f"this command needs the Python package {exc.name!r}, which is not installed for "
                          f"{sys.executable}: run {INSTALLATION / 'run'} once (it installs DIMS's requirements "
-                         f"into {VENV}), or: {sys.executable} -m pip install -r {requirements}", EXIT_USAGE)
+                         f"into a virtual environment), or: {sys.executable} -m pip install -r {requirements}",
+                         EXIT_USAGE)
 
 
 VENV = INSTALLATION / ".venv"
+REQUIREMENT_MODULES = {"psycopg2", "telegram", "httpx", "setproctitle"}   # of requirements.txt
+REEXEC_MARK = "DIMS_CLI_REEXEC"   # set in the environment of the re-run, so it happens once
 
 
 class EnhancedIPCCommands:
@@ -471,8 +474,8 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     suppress = {} if defaults else {"default": argparse.SUPPRESS}
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout", **suppress)
-    common.add_argument("--config", metavar="PATH", help="configuration file (default: $DIMS_CONFIG or ./dims.toml)",
-                        **suppress)
+    common.add_argument("--config", metavar="PATH", help="configuration file (default: $DIMS_CONFIG, else "
+                        "./dims.toml, else the installation's dims.toml)", **suppress)
     return common
 
 
@@ -535,6 +538,8 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
         except ConfigError as exc:
             raise CommandError(f"configuration error: {exc}", EXIT_USAGE) from None
         except ModuleNotFoundError as exc:   # a database command on a Python without psycopg2
+            if (exc.name or "").partition(".")[0] not in REQUIREMENT_MODULES:
+                raise   # not a requirement: a bug, shown as one
             raise MissingRequirement(exc) from None
     except MissingRequirement as exc:
         if allow_reexec:
@@ -562,10 +567,11 @@ def _reexec_in_environment(argv: list[str]) -> None:
     `./run`), when there is one and it is not us: the database commands need its packages."""
     import os
     python = VENV / "bin" / "python"
-    if not python.exists() or Path(sys.prefix).resolve() == VENV.resolve():
+    if not python.exists() or os.environ.get(REEXEC_MARK) or Path(sys.prefix).resolve() == VENV.resolve():
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    os.environ[REEXEC_MARK] = "1"
     os.execv(python, [str(python), str(INSTALLATION / "enhanced_ipc_commands.py"), *argv])
 
 

@@ -25,13 +25,13 @@ class State(str, enum.Enum):
 
 S = State
 ALLOWED_MOVES: dict[State, frozenset[State]] = {
-    S.STOPPED: frozenset({S.STARTING, S.FATAL}),      # FATAL: a bot that cannot even start (no token)
+    S.STOPPED: frozenset({S.STARTING, S.FATAL, S.BACKOFF}),   # FATAL: no token; BACKOFF: no process could be made
     S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.EXITED}),
     S.RUNNING: frozenset({S.STOPPING, S.EXITED}),
     S.STOPPING: frozenset({S.STOPPED}),
     S.EXITED: frozenset({S.BACKOFF, S.FATAL, S.STOPPED}),
     S.BACKOFF: frozenset({S.STARTING, S.STOPPED, S.FATAL}),
-    S.FATAL: frozenset({S.STARTING, S.STOPPED}),
+    S.FATAL: frozenset({S.STARTING, S.STOPPED, S.BACKOFF}),
 }
 LIVE = frozenset({S.STARTING, S.RUNNING, S.STOPPING})   # a process exists
 
@@ -42,6 +42,7 @@ class IllegalMove(RuntimeError):
 
 # Exit codes of a bot process (sysexits.h where one fits).
 EXIT_OK = 0
+EXIT_FAILED = 1              # stopped on an error of its own (a crash)
 EXIT_START_FAILED = 75       # EX_TEMPFAIL: could not start (database unreachable, ...): worth retrying
 EXIT_TOKEN_REJECTED = 78     # EX_CONFIG: Telegram rejected the token: restarting cannot help
 

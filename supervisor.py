@@ -133,6 +133,15 @@ class ProcessSupervisor:
         self.requests = ControlRequests(self)
         self._shutting_down = False
         self.started_at = self.host.time()
+        self._environment = dict(os.environ)   # what reload() reads tokens from
+
+    def hide_tokens_from_children(self) -> None:
+        """Take every bot's token variable out of this process's environment before the
+        forkserver is started from it, so that no bot process can read another bot's token
+        there (each is handed its own in its configuration); reload() reads them from a copy."""
+        for bot_config in self.config.bots:
+            if bot_config.token_env:
+                os.environ.pop(bot_config.token_env, None)
 
     # -- the state machine
 
@@ -157,7 +166,8 @@ class ProcessSupervisor:
         return Child(bot_config, Backoff(s.backoff_initial, s.backoff_max, jitter=0.25, jitter_first=False,
                                          random=self.host.random))
 
-    def _spawn(self, child: Child) -> None:
+    def _spawn(self, child: Child, restart: bool = False) -> None:
+        """Start the bot's process (`restart`: after a crash, counted in RESTARTS once it started)."""
         if child.config.token_problem:   # nothing to start it with: an operator must act
             child.last_error = child.config.token_problem
             child.next_start = float("inf")
@@ -169,16 +179,46 @@ class ProcessSupervisor:
             return
         wanted = sum(1 for c in self.children.values() if not c.removed)   # as reload() checked the budget
         pool_max = pool_max_for(self.config.database, max(1, wanted))
-        child.process, child.conn = self.host.start_process(
-            child_main, (child.config, child_config(self.config, child.config), pool_max, self.log_level),
-            f"dims-bot-{child.name}")
+        try:
+            child.process, child.conn = self.host.start_process(
+                child_main, (child.config, child_config(self.config, child.config), pool_max, self.log_level),
+                f"dims-bot-{child.name}")
+        except OSError as exc:   # fork failed (EAGAIN, ENOMEM, EMFILE), or the forkserver is gone
+            self._start_failed(child, exc)
+            return
         child.started_at = self.host.monotonic()
         child.last_heartbeat = 0.0
         child.stats = {}
         child.term_sent = child.killed_by_us = False
         child.oom_kills_at_start = self.host.oom_kills()
+        if restart:
+            child.restarts += 1
+            self.agent.record(child.name, "restart", f"restart #{child.restarts}")
         self.change_state(child, State.STARTING)
         self.agent.record(child.name, "start", pid=child.process.pid)
+
+    def _start_failed(self, child: Child, exc: OSError) -> None:
+        """No process could be started: try again after the next restart delay (within the
+        restart budget, as a crash would), never letting the error out of the loop."""
+        child.process = child.conn = None
+        child.last_error = f"could not start its process: {exc}"
+        self.agent.record(child.name, "start_failed", child.last_error)
+        now = self.host.monotonic()
+        if self._budget_spent(child, now):
+            child.next_start = now + self.settings.fatal_cooldown
+            reason = f"{child.last_error}; retrying in {self.settings.fatal_cooldown:g} s or on bot_start"
+            if child.state is State.FATAL:
+                log.error("bot %s: %s", child.name, reason)
+            else:
+                self.change_state(child, State.FATAL, reason)
+            return
+        delay = child.backoff.next()
+        child.next_start = now + delay
+        reason = f"{child.last_error}; retrying in {delay:.2f} s"
+        if child.state is State.BACKOFF:
+            log.error("bot %s: %s", child.name, reason)
+        else:
+            self.change_state(child, State.BACKOFF, reason)
 
     def start_bot(self, child: Child) -> None:
         child.wanted = True
@@ -230,7 +270,9 @@ class ProcessSupervisor:
         self.agent.record(child.name, "exit", describe_exit(code), pid=process.pid, exit_code=code, described=status)
         if child.state is State.STOPPING:
             self.change_state(child, State.STOPPED, status)
-            self._forget_if_stopped(child)
+            if child.removed:
+                self._forget_if_stopped(child)
+                return
             if child.restart_after_stop and not self._shutting_down:
                 child.restart_after_stop = False
                 child.operator_restarts += 1
@@ -250,17 +292,21 @@ class ProcessSupervisor:
             return
         self._schedule_restart(child, was_running)
 
+    def _budget_spent(self, child: Child, now: float) -> bool:
+        """restart_budget restarts within the last restart_window."""
+        while child.recent_restarts and now - child.recent_restarts[0] > self.settings.restart_window:
+            child.recent_restarts.popleft()
+        return len(child.recent_restarts) >= self.settings.restart_budget
+
     def _schedule_restart(self, child: Child, was_running: bool) -> None:
         now = self.host.monotonic()
         if was_running and now - child.running_since >= self.settings.stable_after:
             child.backoff.reset()
-        window = self.settings.restart_window
-        while child.recent_restarts and now - child.recent_restarts[0] > window:
-            child.recent_restarts.popleft()
-        if len(child.recent_restarts) >= self.settings.restart_budget:
+        if self._budget_spent(child, now):
             child.next_start = now + self.settings.fatal_cooldown
-            self.change_state(child, State.FATAL, f"{len(child.recent_restarts)} restarts within {window:g} s; "
-                              f"retrying in {self.settings.fatal_cooldown:g} s or on bot_start")
+            self.change_state(child, State.FATAL, f"{len(child.recent_restarts)} restarts within "
+                              f"{self.settings.restart_window:g} s; retrying in {self.settings.fatal_cooldown:g} s "
+                              "or on bot_start")
             return
         delay = child.backoff.next()
         child.next_start = now + delay
@@ -287,8 +333,8 @@ class ProcessSupervisor:
         except (ValueError, KeyError):
             log.warning("bot %s: unreadable pipe message ignored", child.name)
             return
-        child.last_heartbeat = self.host.monotonic()
-        if message.kind in (Kind.READY, Kind.HEARTBEAT):
+        if message.kind in (Kind.READY, Kind.HEARTBEAT):   # only these prove the bot's loop turns
+            child.last_heartbeat = self.host.monotonic()
             child.stats = message.body
         if message.kind is Kind.READY and child.state is State.STARTING:
             child.running_since = self.host.monotonic()
@@ -305,12 +351,10 @@ class ProcessSupervisor:
         for child in list(self.children.values()):
             if child.state in (State.BACKOFF, State.FATAL) and child.wanted and not self._shutting_down:
                 if now >= child.next_start:
-                    child.restarts += 1
-                    child.recent_restarts.append(now)
-                    self.agent.record(child.name, "restart", f"restart #{child.restarts}")
-                    self._spawn(child)
-                else:
-                    next_due.append(child.next_start - now)
+                    child.recent_restarts.append(now)   # an attempt spends the budget, whether it starts or not
+                    self._spawn(child, restart=True)
+                if child.state in (State.BACKOFF, State.FATAL):   # waiting still (or again: the start failed)
+                    next_due.append(max(0.0, child.next_start - now))
             elif child.state is State.STOPPING:
                 next_due.append(self._push_stop(child, now))
             elif child.state is State.RUNNING:
@@ -331,18 +375,18 @@ class ProcessSupervisor:
         return max(0.0, min(next_due))
 
     def _push_stop(self, child: Child, now: float) -> float:
-        remaining = child.stop_deadline - now
-        term_at = self.settings.stop_timeout * 0.3   # the last 30 % of the time: after SIGTERM
-        if remaining <= 0:
+        """SIGTERM at 70 % of stop_timeout, SIGKILL at the deadline; seconds until the next of them."""
+        term_deadline = child.stop_deadline - self.settings.stop_timeout * 0.3
+        if now >= child.stop_deadline:
             log.warning("bot %s: did not stop within %g s: SIGKILL", child.name, self.settings.stop_timeout)
             child.killed_by_us = True
             child.process.kill()
             return 1.0
-        if remaining <= term_at and not child.term_sent:
+        if now >= term_deadline and not child.term_sent:
             child.term_sent = True
             log.info("bot %s: still running; sending SIGTERM", child.name)
             child.process.terminate()
-        return remaining if child.term_sent else remaining - term_at
+        return (child.stop_deadline if child.term_sent else term_deadline) - now
 
     def _kill_hung(self, child: Child, reason: str) -> None:
         log.warning("bot %s: %s: killing it (hung)", child.name, reason)
@@ -405,19 +449,33 @@ class ProcessSupervisor:
                 self.requests.handle(payload, reply)
 
     def _handle_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
+            if self._shutting_down:
+                log.info("SIGHUP while stopping: not reloading")
+                return
             log.info("SIGHUP: reloading the configuration")
             result = self.reload()
             log.info("reload: %s", result.get("reason") or result)
         elif not self._shutting_down:
-            log.info("%s: stopping every bot", signal.Signals(signum).name)
+            log.info("%s: stopping every bot (%s again: stop at once)", name, name)
             self.shutdown()
+        else:
+            log.warning("%s again: stopping every bot at once (SIGKILL)", name)
+            for child in self.children.values():
+                if child.state is State.STOPPING:
+                    child.killed_by_us = True
+                    child.process.kill()
 
     def shutdown(self) -> None:
         self._shutting_down = True
         for child in self.children.values():
             child.wanted = True  # a supervisor stop is not an operator's bot_stop
             self.stop_bot(child)
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
 
     @property
     def finished(self) -> bool:
@@ -439,6 +497,7 @@ class ProcessSupervisor:
                                                 f"{exc}") from None
             self.control.wake = self._wake
             set_process_title("dims: supervisor", "dims supervisor")
+            self.hide_tokens_from_children()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, self.notify_signal)
             self.start()
@@ -492,17 +551,25 @@ class ProcessSupervisor:
         if self.agent is not None:
             self.agent.record(None, "supervisor", "stopped", pid=os.getpid())
             self.agent.close()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
 
     # -- reload
 
     def reload(self) -> dict[str, Any]:
+        if self._shutting_down:
+            return {"status": "error", "reason": "the supervisor is stopping: configuration not reloaded"}
         try:
-            fresh = load_config(self.config.path)
+            fresh = load_config(self.config.path, env=self._environment)
             pool_max_for(fresh.database, len(fresh.bots))
         except Exception as exc:
             return {"status": "error", "reason": f"configuration not reloaded: {exc}"}
         old = {c.name: c.config for c in self.children.values() if not c.removed}
         new = {b.name: b for b in fresh.bots}
+        for name, child in self.children.items():   # removed, still stopping, and configured again
+            if child.removed and name in new:
+                child.removed, child.config, child.restart_after_stop = False, new[name], True
+                old[name] = new[name]
         added = [n for n in new if n not in old]
         removed = [n for n in old if n not in new]
         changed = [n for n in new if n in old and new[n] != old[n]]

@@ -54,7 +54,8 @@ class FakeConn:
         raise EOFError
 
     def poll(self, timeout: float = 0.0) -> bool:
-        return bool(self.inbox)
+        """True when a message waits, or, as a real pipe's, at EOF (the process is gone)."""
+        return bool(self.inbox) or self.process.exitcode is not None
 
     def close(self) -> None:
         self.closed = True
@@ -70,6 +71,7 @@ class FakeProcess:
         self.sentinel = object()
         self.conn = FakeConn(self)
         self.signals: list[int] = []
+        self.signalled_at: list[float] = []   # when each of `signals` was sent
         self.messages: list[Message] = []
         self.ready_sent = False
         self.next_heartbeat: float | None = None
@@ -87,10 +89,12 @@ class FakeProcess:
 
     def kill(self) -> None:
         self.signals.append(signal.SIGKILL)
+        self.signalled_at.append(self.host.now)
         self._exit_soon(-signal.SIGKILL, 0.0)
 
     def terminate(self) -> None:
         self.signals.append(signal.SIGTERM)
+        self.signalled_at.append(self.host.now)
         if self.script.obeys_term:
             self._exit_soon(-signal.SIGTERM, 0.0)
 
@@ -149,6 +153,7 @@ class FakeHost:
         self.scripts: dict[str, list[Script]] = {}
         self.processes: list[FakeProcess] = []
         self.oom = 0
+        self.start_failures = 0      # the next this-many start_process calls fail (fork: EAGAIN)
         self._pids = itertools.count(4000)
 
     # -- the Host interface
@@ -167,6 +172,9 @@ class FakeHost:
         return self.oom
 
     def start_process(self, target, args: tuple, name: str) -> tuple[FakeProcess, FakeConn]:
+        if self.start_failures:
+            self.start_failures -= 1
+            raise BlockingIOError(11, "Resource temporarily unavailable")
         bot = name.removeprefix("dims-bot-")
         queue = self.scripts.get(bot) or [RUNS]
         script = queue.pop(0) if len(queue) > 1 else queue[0]

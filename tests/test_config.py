@@ -78,6 +78,8 @@ def test_bot_token_alone_makes_one_bot_named_main():
     ('[telegram]\napi_url = "ftp://x"\n', "telegram.api_url: expected an http(s) URL"),
     ('database = 3\n', "database: expected a table [database]"),
     ('colour = "blue"\n', "colour: unknown key"),
+    ('[supervisor]\nbackoff_initial = 5\nbackoff_max = 1\n', "supervisor.backoff_initial: is 5, larger than "
+                                                           "supervisor.backoff_max (1)"),
 ])
 def test_invalid_values_name_the_file_and_key(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -459,6 +459,18 @@ def test_every_process_is_named_for_ps_and_top(make_fleet):
     assert names == ["dims: bot alpha", "dims: bot beta", "dims: database agent"], names
 
 
+def test_no_bot_process_can_read_another_bots_token_from_its_environment(make_fleet, sandbox):
+    fleet = make_fleet().start(["alpha", "beta"])
+    for name in ("alpha", "beta"):
+        environ = Path(f"/proc/{fleet.row(name)['pid']}/environ").read_bytes()
+        assert b"_TOKEN=" not in environ, f"bot {name} sees a token variable"
+    fleet.wait_for("alpha", ["RUNNING"])
+    write_config(fleet.config, {"alpha": {"display_name": "Alpha Again"}, "beta": {}}, extra=SUPERVISOR_SETTINGS)
+    assert fleet.ctl({"command": "reload"})["changed"] == ["alpha"], "reload still reads the tokens"
+    fleet.wait_for("alpha", ["RUNNING"])
+    assert "Alpha Again" in Chat(sandbox, TOKENS["alpha"], user_id=78).say("/start")["text"]
+
+
 def _stat_or_none(pid: int, parent: int) -> bool:
     try:
         return _stat(pid)[1] == parent

@@ -196,17 +196,24 @@ def test_stop_is_a_message_then_sigterm_at_70_percent_then_sigkill_at_the_deadli
     process = fleet.host.latest("alpha")
     assert [m.kind.value for m in process.messages] == ["stop"]
     assert process.signals == [signal.SIGTERM, signal.SIGKILL]
+    assert [round(at - asked_at, 3) for at in process.signalled_at] == [7.0, 10.0]
     assert fleet.host.now - asked_at == pytest.approx(10.0, abs=0.01)
     assert replies[0]["status"] == "ok" and replies[0]["bot"]["state"] == "STOPPED"
     assert fleet.agent.saved == [("alpha", False)]
 
 
 def test_stopping_twice_is_harmless_and_a_stopped_bot_stays_stopped(tmp_path):
-    fleet = Fleet(tmp_path)
+    fleet = Fleet(tmp_path, scripts={"alpha": [Script(obeys_stop=False, obeys_term=False)]}, stop_timeout=10)
     fleet.run_until(lambda: fleet.state("alpha") is State.RUNNING, within=1)
-    first, second = fleet.request(command="bot_stop", name="alpha"), fleet.request(command="bot_stop", name="alpha")
-    fleet.run_until(lambda: first and second, within=10)
+    asked_at = fleet.host.now
+    first = fleet.request(command="bot_stop", name="alpha")
+    fleet.run_for(3)
+    second = fleet.request(command="bot_stop", name="alpha")
+    fleet.run_until(lambda: first and second, within=20)
     assert [r["status"] for r in first + second] == ["ok", "ok"]
+    process = fleet.host.latest("alpha")
+    assert [m.kind.value for m in process.messages] == ["stop"], "the second bot_stop sends nothing more"
+    assert [round(at - asked_at, 3) for at in process.signalled_at] == [7.0, 10.0], "nor moves the deadline"
     fleet.run_for(1000)
     assert fleet.state("alpha") is State.STOPPED and len(fleet.host.of("alpha")) == 1
 
@@ -305,3 +312,76 @@ def test_reload_starts_added_bots_stops_removed_ones_and_restarts_changed_ones(t
     fleet.run_until(lambda: "beta" not in fleet.sup.children and fleet.state("gamma") is State.RUNNING, within=10)
     assert fleet.child("alpha").pid == alpha_pid, "an unchanged bot keeps its process"
     assert len(fleet.host.of("alpha")) == 1 and fleet.child("alpha").restarts == 0
+
+
+def test_a_process_that_cannot_be_started_is_retried_with_backoff_and_the_supervisor_carries_on(tmp_path):
+    fleet = Fleet(tmp_path, bots=("alpha", "beta"))
+    fleet.run_until(lambda: fleet.state("beta") is State.RUNNING, within=1)
+    fleet.host.start_failures = 2
+    fleet.host.latest("alpha").exitcode = 1                       # a crash, and then fork fails twice
+    fleet.run_until(lambda: len(fleet.host.of("alpha")) == 2 and fleet.state("alpha") is State.RUNNING, within=10)
+    failures = [message for bot, kind, message, _, _ in fleet.agent.events if kind == "start_failed"]
+    assert failures == ["could not start its process: [Errno 11] Resource temporarily unavailable"] * 2
+    starts = [at for at in fleet.starts("alpha")]
+    assert fleet.child("alpha").restarts == 1 and starts[1] - starts[0] > 0.05 + 0.1 + 0.2, "each retry backs off"
+    assert fleet.state("beta") is State.RUNNING and len(fleet.host.of("beta")) == 1
+
+
+def test_a_process_that_can_never_be_started_goes_fatal_within_the_budget(tmp_path):
+    fleet = Fleet(tmp_path, scripts={"alpha": [CRASHES, RUNS]})
+    fleet.host.start_failures = 1000                   # after its first crash, no process can be made
+    fleet.run_until(lambda: fleet.state("alpha") is State.FATAL, within=60)
+    assert "could not start its process" in fleet.child("alpha").last_error
+    fleet.host.start_failures = 0
+    fleet.run_until(lambda: fleet.state("alpha") is State.RUNNING, within=601)   # after the cooldown
+
+
+def test_a_bot_start_while_the_supervisor_stops_is_refused_and_the_stop_finishes(tmp_path):
+    fleet = Fleet(tmp_path, bots=("alpha", "beta"))
+    fleet.run_until(lambda: fleet.state("beta") is State.RUNNING, within=1)
+    fleet.sup.notify_signal(signal.SIGTERM)
+    fleet.run_until(lambda: fleet.state("alpha") is State.STOPPED, within=10)
+    refused = fleet.request(command="bot_start", name="alpha")
+    assert refused[0]["status"] == "error" and "stopping" in refused[0]["reason"]
+    assert fleet.sup.reload()["status"] == "error"
+    fleet.run_until(lambda: fleet.sup.finished, within=10)
+    assert fleet.state("alpha") is State.STOPPED and len(fleet.host.of("alpha")) == 1
+
+
+def test_a_second_sigterm_kills_what_is_still_stopping(tmp_path):
+    fleet = Fleet(tmp_path, scripts={"alpha": [Script(obeys_stop=False, obeys_term=False)]}, stop_timeout=60)
+    fleet.run_until(lambda: fleet.state("alpha") is State.RUNNING, within=1)
+    fleet.sup.notify_signal(signal.SIGTERM)
+    fleet.run_for(1)
+    fleet.sup.notify_signal(signal.SIGTERM)
+    fleet.run_until(lambda: fleet.sup.finished, within=1)
+    assert fleet.host.latest("alpha").signals == [signal.SIGKILL]
+
+
+def test_a_hung_bot_that_still_answers_stats_requests_is_killed_all_the_same(tmp_path):
+    hangs = Script(ready_after=0.01, hang_after=1.0)
+    fleet = Fleet(tmp_path, scripts={"alpha": [hangs, RUNS]})
+    for _ in range(10):                                # a monitor asking every second
+        fleet.request(command="cache_stats")
+        fleet.run_for(1)
+    assert fleet.host.of("alpha")[0].signals == [signal.SIGKILL]
+    assert len(fleet.host.of("alpha")) == 2
+
+
+def test_a_removed_bot_being_stopped_cannot_be_started_again_and_leaves_no_orphan(tmp_path):
+    tokens = dict(TOKENS)
+    stubborn = Script(obeys_stop=False, obeys_term=True)
+    fleet = Fleet(tmp_path, bots=("alpha", "beta"), scripts={"beta": [stubborn, RUNS]}, stop_timeout=10)
+    fleet.run_until(lambda: fleet.state("beta") is State.RUNNING, within=1)
+    write_config(fleet.config.path, ("alpha",), literal_tokens=tokens, stop_timeout=10)
+    fleet.sup.reload()
+    assert fleet.state("beta") is State.STOPPING
+    refused = fleet.request(command="bot_restart", name="beta")
+    assert refused[0]["status"] == "error" and "being removed" in refused[0]["reason"]
+    write_config(fleet.config.path, ("alpha", "beta"), literal_tokens=tokens, stop_timeout=10)
+    answer = fleet.sup.reload()                       # configured again while it still stops
+    assert answer["status"] == "ok" and "beta" not in answer["added"]
+    fleet.run_until(lambda: len(fleet.host.of("beta")) == 2 and fleet.state("beta") is State.RUNNING, within=20)
+    first, second = fleet.host.of("beta")
+    assert first.exitcode is not None, "the old process is gone before the new one runs"
+    assert fleet.child("beta").process is second
