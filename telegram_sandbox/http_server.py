@@ -198,14 +198,31 @@ def _loggable_path(path: str) -> str:
                   path)
 
 
-class _Connection(asyncio.StreamReaderProtocol):
-    """asyncio's stream protocol, plus: a client that goes away (closes its side or resets)
-    while its request is being answered cancels that request, so a long poll it gave up (a bot
-    that stopped) ends at once instead of at its timeout, and no longer counts as polling."""
+READ_BUFFER_BYTES = 64 * 1024
+
+
+class _Connection(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
+    """asyncio's stream protocol, plus two things.
+
+    A client that goes away (closes its side or resets) while its request is being answered
+    cancels that request, so a long poll it gave up (a bot that stopped) ends at once instead
+    of at its timeout, and no longer counts as polling.
+
+    Reads land in one buffer per connection (a BufferedProtocol): asyncio's default allocates
+    256 KiB for every read, which glibc's malloc may hand back to the system and fault in again
+    on every request, costing the server a fifth of its throughput in some runs.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, serve):
         super().__init__(reader, serve)
         self.answering: asyncio.Task | None = None  # set while a request is being answered
+        self._read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read_buffer[:nbytes])  # the reader copies it into its own
 
     def eof_received(self) -> bool:
         self._client_gone()
