@@ -215,7 +215,8 @@ class _Connection(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
 
     def __init__(self, reader: asyncio.StreamReader, serve):
         super().__init__(reader, serve)
-        self.answering: asyncio.Task | None = None  # set while a request is being answered
+        self.task: asyncio.Task | None = None  # the task serving this connection
+        self.answering = False  # True while a request is being answered
         self._read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -233,9 +234,9 @@ class _Connection(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
         super().connection_lost(exc)
 
     def _client_gone(self) -> None:
-        if self.answering is not None:
-            self.answering.cancel()
-            self.answering = None
+        if self.answering:
+            self.answering = False
+            self.task.cancel()
 
 
 class SandboxServer:
@@ -275,6 +276,7 @@ class SandboxServer:
                                 writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._connections.add(task)
+        writer.transport.get_protocol().task = task
         try:
             await self._serve_requests(reader, writer)
         except HttpError as err:
@@ -293,7 +295,7 @@ class SandboxServer:
             request = await read_request(reader, writer)
             if request is None:
                 return
-            connection.answering = asyncio.current_task()
+            connection.answering = True
             try:
                 status, body, content_type = await self._route(request)
             except Exception:  # a sandbox bug must not look like a network error to the bot
@@ -301,7 +303,7 @@ class SandboxServer:
                               _loggable_path(request.path))
                 status, body, content_type = 500, json_bytes(INTERNAL_ERROR), "application/json"
             finally:
-                connection.answering = None
+                connection.answering = False
             if body is None:
                 writer.transport.abort()
                 return
