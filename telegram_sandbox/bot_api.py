@@ -51,26 +51,23 @@ class BotApi:
 
     async def getUpdates(self, bot: BotState, p: dict):
         try:
-            return await self._poll(bot, p)
+            if bot.webhook is not None:
+                raise ApiError(409, CONFLICT_WEBHOOK)
+            bot.end_poll("terminated")
+            if "allowed_updates" in p:
+                bot.allowed_updates = frozenset(p["allowed_updates"])
+            bot.confirm(p.get("offset", 0))
+            limit = min(max(p.get("limit", 100), 1), 100)
+            timeout = min(max(p.get("timeout", 0), 0), LONG_POLL_MAX_S)
+            updates = bot.pending(limit)
+            if updates or timeout == 0:
+                return updates
+            reason = await bot.wait_for_update(timeout)
+            if reason in POLL_ENDINGS:
+                raise POLL_ENDINGS[reason]()
+            return bot.pending(limit)
         finally:
             bot.polled_at = time.monotonic()
-
-    async def _poll(self, bot: BotState, p: dict):
-        if bot.webhook is not None:
-            raise ApiError(409, CONFLICT_WEBHOOK)
-        bot.end_poll("terminated")
-        if "allowed_updates" in p:
-            bot.allowed_updates = frozenset(p["allowed_updates"])
-        bot.confirm(p.get("offset", 0))
-        limit = min(max(p.get("limit", 100), 1), 100)
-        timeout = min(max(p.get("timeout", 0), 0), LONG_POLL_MAX_S)
-        updates = bot.pending(limit)
-        if updates or timeout == 0:
-            return updates
-        reason = await bot.wait_for_update(timeout)
-        if reason in POLL_ENDINGS:
-            raise POLL_ENDINGS[reason]()
-        return bot.pending(limit)
 
     async def setWebhook(self, bot: BotState, p: dict):
         url = p["url"]

@@ -198,14 +198,32 @@ def _loggable_path(path: str) -> str:
                   path)
 
 
-class _Connection(asyncio.StreamReaderProtocol):
-    """asyncio's stream protocol, plus: a client that goes away (closes its side or resets)
-    while its request is being answered cancels that request, so a long poll it gave up (a bot
-    that stopped) ends at once instead of at its timeout, and no longer counts as polling."""
+READ_BUFFER_BYTES = 64 * 1024
+
+
+class _Connection(asyncio.StreamReaderProtocol, asyncio.BufferedProtocol):
+    """asyncio's stream protocol, plus two things.
+
+    A client that goes away (closes its side or resets) while its request is being answered
+    cancels that request, so a long poll it gave up (a bot that stopped) ends at once instead
+    of at its timeout, and no longer counts as polling.
+
+    Reads land in one buffer per connection (a BufferedProtocol): asyncio's default allocates
+    256 KiB for every read, which glibc's malloc may hand back to the system and fault in again
+    on every request, costing the server a fifth of its throughput in some runs.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, serve):
         super().__init__(reader, serve)
-        self.answering: asyncio.Task | None = None  # set while a request is being answered
+        self.task: asyncio.Task | None = None  # the task serving this connection
+        self.answering = False  # True while a request is being answered
+        self._read_buffer = memoryview(bytearray(READ_BUFFER_BYTES))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read_buffer[:nbytes])  # the reader copies it into its own
 
     def eof_received(self) -> bool:
         self._client_gone()
@@ -216,9 +234,9 @@ class _Connection(asyncio.StreamReaderProtocol):
         super().connection_lost(exc)
 
     def _client_gone(self) -> None:
-        if self.answering is not None:
-            self.answering.cancel()
-            self.answering = None
+        if self.answering:
+            self.answering = False
+            self.task.cancel()
 
 
 class SandboxServer:
@@ -258,6 +276,7 @@ class SandboxServer:
                                 writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._connections.add(task)
+        writer.transport.get_protocol().task = task
         try:
             await self._serve_requests(reader, writer)
         except HttpError as err:
@@ -276,7 +295,7 @@ class SandboxServer:
             request = await read_request(reader, writer)
             if request is None:
                 return
-            connection.answering = asyncio.current_task()
+            connection.answering = True
             try:
                 status, body, content_type = await self._route(request)
             except Exception:  # a sandbox bug must not look like a network error to the bot
@@ -284,7 +303,7 @@ class SandboxServer:
                               _loggable_path(request.path))
                 status, body, content_type = 500, json_bytes(INTERNAL_ERROR), "application/json"
             finally:
-                connection.answering = None
+                connection.answering = False
             if body is None:
                 writer.transport.abort()
                 return
