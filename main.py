@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from config import Config, ConfigError, install_log_redaction, load_config, pool_max_for
 from version import __version__
@@ -52,8 +52,7 @@ exit status:
 SIGHUP re-reads the configuration. The operator CLI: dims COMMAND (dims --help)."""
 
 
-@dataclass(frozen=True)
-class Mode:
+class Mode(NamedTuple):
     name: str            # "single", "multi" or "demo"
     bot: str | None      # the bot to run in single mode
     reason: str          # why this mode, for the log

@@ -3,9 +3,10 @@ child process, dying with its parent and leaving Ctrl-C to the supervisor.
 
 Names: `dims: supervisor`, `dims: bot alpha`, `dims: database agent`, `dims: forkserver`,
 instead of `python -B -c from multiprocessing.forkserver import main ...`. Two are set: the
-kernel's short name (`comm`: what `top`, `ps -o comm` and `pgrep` match, 15 bytes at most) with
-prctl(PR_SET_NAME) through ctypes, and the command line `ps aux` shows, with `setproctitle` (a
-small C library; without it only the short name changes).
+command line `ps aux` shows, and the kernel's short name (`comm`: what `top`, `ps -o comm` and
+`pgrep` match, 15 bytes at most), both with `setproctitle` (a small C library); without it, the
+short name alone, with prctl(PR_SET_NAME) through ctypes. (ctypes costs the supervisor about
+a third of a megabyte, so it is loaded only where it is needed: a child's parent-death signal.)
 
 Called first by each process's entry function (`main.py`, `bot_process.child_main`,
 `database_agent.database_agent_main`, the forkserver's preparation). Standard library only, plus
@@ -23,13 +24,14 @@ _COMM_MAX = 15
 
 def set_process_title(title: str, short: str | None = None) -> None:
     """`title` for `ps`; `short` (default: the title) for the kernel's 15-byte name."""
+    comm = (short or title).encode()[:_COMM_MAX].decode(errors="ignore")
     try:
         import setproctitle
     except ImportError:
-        pass
+        _prctl(_PR_SET_NAME, comm.encode())
     else:
         setproctitle.setproctitle(title)
-    _prctl(_PR_SET_NAME, (short or title).encode()[:_COMM_MAX])
+        setproctitle.setthreadtitle(comm)   # the main thread's name is the process's comm
 
 
 def prepare_child(title: str, short: str | None = None) -> None:

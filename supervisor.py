@@ -29,7 +29,6 @@ import os
 import queue
 import signal
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from backoff import Backoff
@@ -75,30 +74,35 @@ def claim_control_socket(config: Config) -> ControlServer:
 # --------------------------------------------------------------------------- what it keeps per bot
 
 
-@dataclass
 class Child:
-    """What the supervisor knows about one bot."""
-    config: BotConfig
-    backoff: Backoff                    # restart delays; reset after stable_after of RUNNING
-    state: State = State.STOPPED
-    process: Any = None                 # the Host's process handle while LIVE
-    conn: Any = None                    # our end of its pipe
-    wanted: bool = True                 # desired state: running
-    started_at: float = 0.0
-    running_since: float = 0.0
-    last_heartbeat: float = 0.0
-    stats: dict[str, Any] = field(default_factory=dict)
-    restarts: int = 0                   # after a crash (what RESTARTS counts)
-    operator_restarts: int = 0          # bot_restart, and reloads that changed the bot
-    recent_restarts: deque = field(default_factory=deque)   # times of restarts within restart_window
-    next_start: float = 0.0             # BACKOFF / FATAL: when to start again
-    stop_deadline: float = 0.0
-    term_sent: bool = False
-    killed_by_us: bool = False          # we sent the SIGKILL it died of (hung, or a stop deadline)
-    oom_kills_at_start: int | None = None
-    last_error: str | None = None
-    restart_after_stop: bool = False
-    removed: bool = False               # no longer configured: forgotten once stopped
+    """What the supervisor knows about one bot. (A plain class, not a dataclass: importing
+    dataclasses costs the supervisor process a quarter of a megabyte of inspect, ast and dis.)"""
+
+    def __init__(self, config: BotConfig, backoff: Backoff):
+        self.config = config
+        self.backoff = backoff                  # restart delays; reset after stable_after of RUNNING
+        self.state = State.STOPPED
+        self.process: Any = None                # the Host's process handle while LIVE
+        self.conn: Any = None                   # our end of its pipe
+        self.wanted = True                      # desired state: running
+        self.started_at = 0.0
+        self.running_since = 0.0
+        self.last_heartbeat = 0.0
+        self.stats: dict[str, Any] = {}
+        self.restarts = 0                       # after a crash (what RESTARTS counts)
+        self.operator_restarts = 0              # bot_restart, and reloads that changed the bot
+        self.recent_restarts: deque[float] = deque()   # times of restarts within restart_window
+        self.next_start = 0.0                   # BACKOFF / FATAL: when to start again
+        self.stop_deadline = 0.0
+        self.term_sent = False
+        self.killed_by_us = False               # we sent the SIGKILL it died of (hung, or a stop deadline)
+        self.oom_kills_at_start: int | None = None
+        self.last_error: str | None = None
+        self.restart_after_stop = False
+        self.removed = False                    # no longer configured: forgotten once stopped
+
+    def __repr__(self) -> str:
+        return f"Child({self.name!r}, {self.state.value}, pid={self.pid})"
 
     @property
     def name(self) -> str:
