@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import roster_files
 from control import CACHE_FIELDS
 
 
@@ -150,5 +149,6 @@ def girls_export(result: dict[str, Any]) -> str:
     """Without --output the data itself is the output, with or without --json."""
     if "output" in result:
         return f"exported {result['count']} profiles to {result['output']} ({result['format']})"
+    import roster_files   # here: only an export to stdout needs it
     text = result["csv"] if result["format"] == "csv" else roster_files.render(result["girls"], "json")
     return text.removesuffix("\n")

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, TextIO
 
 import cli_output as show
-import health
-import roster_files
 from config import INSTALLATION, Config, ConfigError, install_log_redaction, load_config
 from control import KEY_FILE, read_authkey, request
 from version import __version__
@@ -175,9 +173,12 @@ class EnhancedIPCCommands:
             manager.shutdown()
 
     @staticmethod
-    def _roster_file(action: Callable[..., Any], *args: Any) -> Any:
+    def _roster_file(action: str, *args: Any) -> Any:
+        """roster_files.<action>(*args), its errors as usage errors (imported here: only the
+        roster file commands need it)."""
+        import roster_files
         try:
-            return action(*args)
+            return getattr(roster_files, action)(*args)
         except roster_files.RosterFileError as exc:
             raise CommandError(str(exc), EXIT_USAGE) from None
 
@@ -190,7 +191,7 @@ class EnhancedIPCCommands:
         return EXIT_OK, {"girl": profile.as_dict()}
 
     def girls_import(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
-        rows, file_format = self._roster_file(roster_files.read, args.file)
+        rows, file_format = self._roster_file("read", args.file)
         counts = self._with_roster(lambda roster: roster.import_profiles(rows, replace=args.replace))
         return EXIT_OK, {"file": args.file, "format": file_format, "replace": args.replace, **counts}
 
@@ -199,10 +200,10 @@ class EnhancedIPCCommands:
         rows = self._with_roster(lambda roster: roster.export())
         result: dict[str, Any] = {"format": file_format, "count": len(rows)}
         if args.output:
-            self._roster_file(roster_files.write, args.output, roster_files.render(rows, file_format))
+            self._roster_file("write", args.output, self._roster_file("render", rows, file_format))
             result["output"] = args.output
         elif file_format == "csv":
-            result["csv"] = roster_files.render(rows, "csv")
+            result["csv"] = self._roster_file("render", rows, "csv")
         else:
             result["girls"] = rows
         return EXIT_OK, result
@@ -267,6 +268,7 @@ class EnhancedIPCCommands:
 
     def system_health(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         """The fleet's health (`health.py`): ok, degraded or down, with every problem."""
+        import health
         try:
             fleet = self._supervisor({"command": "bot_list"})
         except CommandError as exc:
@@ -278,6 +280,7 @@ class EnhancedIPCCommands:
 
     def _database_facts(self) -> dict[str, Any]:
         """What the database says for health: latency, migrations, inbox counts (or why not)."""
+        from health import INBOX_SQL
         from multiprocess_connection_manager import DatabaseError, Migrator
         manager = self._database()
         if manager.embedded is not None and not manager.embedded.is_accepting():   # a health check starts nothing
@@ -289,7 +292,7 @@ class EnhancedIPCCommands:
             db.fetchval("SELECT 1")
             latency = round((time.perf_counter() - started) * 1000, 2)
             migrations = Migrator(db).status().as_dict()
-            inbox = db.fetchdicts(health.INBOX_SQL) if db.fetchval("SELECT to_regclass('dims_inbox')") else []
+            inbox = db.fetchdicts(INBOX_SQL) if db.fetchval("SELECT to_regclass('dims_inbox')") else []
         except DatabaseError as exc:
             return {"error": str(exc)}
         finally:
@@ -381,8 +384,9 @@ def _girls_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _girls_import_arguments(parser: argparse.ArgumentParser) -> None:
+    from roster_files import CSV_COLUMNS   # here: only this command's parser names them
     parser.add_argument("file", metavar="FILE", help="a JSON array of profiles; CSV with a header "
-                        f"({','.join(roster_files.CSV_COLUMNS)}) when it ends in .csv")
+                        f"({','.join(CSV_COLUMNS)}) when it ends in .csv")
     parser.add_argument("--replace", action="store_true", help="also delete the profiles the file does not name")
 
 
