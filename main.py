@@ -181,9 +181,11 @@ class MainIntegrator:
 
     def run_single_bot_fallback(self, name: str) -> int:
         import bot
+        from bot_process import prepare_bot_process
         from process_setup import set_process_title
         bot_config = self.config.bot(name)
         set_process_title(f"dims: bot {name}", f"dims bot {name}")
+        prepare_bot_process()
         bot.configure_logging(bot_config.name, self.config.secrets(), self.args.log_level)
         return bot.run(bot_config, self.config)
 
