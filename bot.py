@@ -85,6 +85,7 @@ class Health:
     def failing(self, what: str, reason: str, backoff: Backoff | None = None) -> None:
         """`what` ("database", "telegram") fails for `reason`; with the caller's backoff, log it
         when that backoff reached a delay no caller has logged yet in this outage."""
+        reason = " ".join(reason.split())   # one line: psycopg2's messages span several
         failure = self._failing.setdefault(what, Health.Failure(self.clock(), reason))
         failure.reason = reason
         if backoff is not None and backoff.level > failure.logged_level:
