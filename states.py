@@ -15,7 +15,7 @@ import signal
 
 class State(str, enum.Enum):
     STOPPED = "STOPPED"      # not running: never started, stopped by an operator, or the supervisor is stopping
-    STARTING = "STARTING"    # process started; not yet ready
+    STARTING = "STARTING"    # process being started, or started and not yet ready
     RUNNING = "RUNNING"      # ready; heartbeats arriving
     BACKOFF = "BACKOFF"      # exited unexpectedly; restarting after a delay
     STOPPING = "STOPPING"    # asked to stop: stop message, SIGTERM, then SIGKILL
@@ -26,7 +26,7 @@ class State(str, enum.Enum):
 S = State
 ALLOWED_MOVES: dict[State, frozenset[State]] = {
     S.STOPPED: frozenset({S.STARTING, S.FATAL, S.BACKOFF}),   # FATAL: no token; BACKOFF: no process could be made
-    S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.EXITED}),
+    S.STARTING: frozenset({S.RUNNING, S.STOPPING, S.EXITED, S.BACKOFF, S.FATAL}),   # BACKOFF, FATAL: no process
     S.RUNNING: frozenset({S.STOPPING, S.EXITED}),
     S.STOPPING: frozenset({S.STOPPED}),
     S.EXITED: frozenset({S.BACKOFF, S.FATAL, S.STOPPED}),

@@ -42,6 +42,8 @@ from pipe_protocol import Kind, Message
 from process_setup import set_process_title
 from states import ALLOWED_MOVES, EXIT_TOKEN_REJECTED, LIVE, IllegalMove, State, describe_exit
 
+FORKSERVER_GONE = 255   # multiprocessing's exit code for a child whose forkserver went away
+
 log = logging.getLogger("dims.supervisor")
 
 RELOAD_STATES_WAIT_S = 2.0  # a reload waits this long for the added bots' desired states
@@ -83,6 +85,10 @@ class Child:
         self.backoff = backoff                  # restart delays; reset after stable_after of RUNNING
         self.state = State.STOPPED
         self.process: Any = None                # the Host's process handle while LIVE
+        self.spawn: Any = None                  # the Host's Spawn while its process is being started
+        self.spawn_restart = False              # that start is a restart after a crash
+        self.free_restart = False               # the next restart is not the bot's fault: no budget spent
+        self.forkserver_pid: int | None = None  # the forkserver its process was forked from
         self.conn: Any = None                   # our end of its pipe
         self.wanted = True                      # desired state: running
         self.started_at = 0.0
@@ -134,6 +140,7 @@ class ProcessSupervisor:
         os.set_blocking(self._wake_r, False)
         if control is not None:
             control.wake = self._wake
+        self.host.on_spawned = self._wake
         self.requests = ControlRequests(self)
         self._shutting_down = False
         self.started_at = self.host.time()
@@ -171,7 +178,9 @@ class ProcessSupervisor:
                                          random=self.host.random))
 
     def _spawn(self, child: Child, restart: bool = False) -> None:
-        """Start the bot's process (`restart`: after a crash, counted in RESTARTS once it started)."""
+        """Start the bot's process (`restart`: after a crash, counted in RESTARTS once it started).
+        The start runs off the loop (`Host.spawn`); the bot is STARTING meanwhile and `_spawned`
+        takes the process when the host has it."""
         if child.config.token_problem:   # nothing to start it with: an operator must act
             child.last_error = child.config.token_problem
             child.next_start = float("inf")
@@ -181,25 +190,40 @@ class ProcessSupervisor:
             else:
                 self.change_state(child, State.FATAL, f"cannot start: {child.last_error}")
             return
+        if child.spawn is not None:
+            return   # already being started
         wanted = sum(1 for c in self.children.values() if not c.removed)   # as reload() checked the budget
         pool_max = pool_max_for(self.config.database, max(1, wanted))
-        try:
-            child.process, child.conn = self.host.start_process(
-                child_main, (child.config, child_config(self.config, child.config), pool_max, self.log_level),
-                f"dims-bot-{child.name}")
-        except OSError as exc:   # fork failed (EAGAIN, ENOMEM, EMFILE), or the forkserver is gone
-            self._start_failed(child, exc)
-            return
+        child.process = child.conn = None
+        child.spawn_restart = restart
         child.started_at = self.host.monotonic()
         child.last_heartbeat = 0.0
         child.stats = {}
         child.term_sent = child.killed_by_us = False
         child.oom_kills_at_start = self.host.oom_kills()
-        if restart:
+        child.spawn = self.host.spawn(
+            child_main, (child.config, child_config(self.config, child.config), pool_max, self.log_level),
+            f"dims-bot-{child.name}")
+        self.change_state(child, State.STARTING)
+        if child.spawn.done:
+            self._spawned(child)
+
+    def _spawned(self, child: Child) -> None:
+        """The host finished starting the bot's process (or could not)."""
+        spawn, child.spawn = child.spawn, None
+        try:
+            child.process, child.conn = spawn.result()
+        except OSError as exc:   # fork failed (EAGAIN, ENOMEM, EMFILE), or the forkserver died or hung
+            self._start_failed(child, exc)
+            return
+        child.forkserver_pid = spawn.forkserver_pid
+        if child.spawn_restart:
             child.restarts += 1
             self.agent.record(child.name, "restart", f"restart #{child.restarts}")
-        self.change_state(child, State.STARTING)
         self.agent.record(child.name, "start", pid=child.process.pid)
+        if child.state is State.STOPPING:   # asked to stop while it was being started
+            child.stop_deadline = self.host.monotonic() + self.settings.stop_timeout
+            self.send(child, Message(Kind.STOP))
 
     def _start_failed(self, child: Child, exc: OSError) -> None:
         """No process could be started: try again after the next restart delay (within the
@@ -207,6 +231,10 @@ class ProcessSupervisor:
         child.process = child.conn = None
         child.last_error = f"could not start its process: {exc}"
         self.agent.record(child.name, "start_failed", child.last_error)
+        if child.state is State.STOPPING:
+            self.change_state(child, State.STOPPED, f"stopped; {child.last_error}")
+            self._after_stopped(child)
+            return
         now = self.host.monotonic()
         if self._budget_spent(child, now):
             child.next_start = now + self.settings.fatal_cooldown
@@ -267,20 +295,20 @@ class ProcessSupervisor:
         process = child.process
         process.join(0)
         code = process.exitcode
-        status = self._describe_exit(child, code)
+        with_forkserver = code == FORKSERVER_GONE and self.host.forkserver_died(child.forkserver_pid)
+        if with_forkserver:
+            status = "stopped with its forkserver, which died"
+        elif code is None:   # gone, and its parent did not say how: the forkserver is stuck
+            status = "exited; its forkserver, which is not answering, did not report how"
+        else:
+            status = self._describe_exit(child, code)
         if child.conn is not None:
             child.conn.close()
             child.conn = None
         self.agent.record(child.name, "exit", describe_exit(code), pid=process.pid, exit_code=code, described=status)
         if child.state is State.STOPPING:
             self.change_state(child, State.STOPPED, status)
-            if child.removed:
-                self._forget_if_stopped(child)
-                return
-            if child.restart_after_stop and not self._shutting_down:
-                child.restart_after_stop = False
-                child.operator_restarts += 1
-                self._spawn(child)
+            self._after_stopped(child)
             return
         was_running = child.state is State.RUNNING
         reason = child.last_error if child.killed_by_us and child.last_error else None
@@ -294,7 +322,21 @@ class ProcessSupervisor:
             child.next_start = float("inf")
             self.change_state(child, State.FATAL, "Telegram rejected the token; fix it, then bot_start")
             return
+        if with_forkserver:   # not the bot's doing: restarted at once, no budget spent, no backoff
+            child.free_restart = True
+            child.next_start = self.host.monotonic() + self.settings.backoff_initial
+            self.change_state(child, State.BACKOFF, f"restarting in {self.settings.backoff_initial:.2f} s")
+            return
         self._schedule_restart(child, was_running)
+
+    def _after_stopped(self, child: Child) -> None:
+        """A stop finished: forget a removed bot, or start it again when the stop was a restart."""
+        if child.removed:
+            self._forget_if_stopped(child)
+        elif child.restart_after_stop and not self._shutting_down:
+            child.restart_after_stop = False
+            child.operator_restarts += 1
+            self._spawn(child)
 
     def _budget_spent(self, child: Child, now: float) -> bool:
         """restart_budget restarts within the last restart_window."""
@@ -355,7 +397,9 @@ class ProcessSupervisor:
         for child in list(self.children.values()):
             if child.state in (State.BACKOFF, State.FATAL) and child.wanted and not self._shutting_down:
                 if now >= child.next_start:
-                    child.recent_restarts.append(now)   # an attempt spends the budget, whether it starts or not
+                    if not child.free_restart:   # an attempt spends the budget, whether it starts or not
+                        child.recent_restarts.append(now)
+                    child.free_restart = False
                     self._spawn(child, restart=True)
                 if child.state in (State.BACKOFF, State.FATAL):   # waiting still (or again: the start failed)
                     next_due.append(max(0.0, child.next_start - now))
@@ -369,7 +413,7 @@ class ProcessSupervisor:
                     self._kill_hung(child, f"no heartbeat for {silent:.1f} s")
                 else:
                     next_due.append(self.settings.heartbeat_timeout - silent)
-            elif child.state is State.STARTING:
+            elif child.state is State.STARTING and child.spawn is None:   # a stuck spawn: the host's deadline
                 waited = now - child.started_at
                 if waited >= self.settings.start_timeout:
                     self._kill_hung(child, f"not ready after {waited:.1f} s")
@@ -380,6 +424,8 @@ class ProcessSupervisor:
 
     def _push_stop(self, child: Child, now: float) -> float:
         """SIGTERM at 70 % of stop_timeout, SIGKILL at the deadline; seconds until the next of them."""
+        if child.process is None:   # still being started: _spawned sends the stop
+            return 0.5
         term_deadline = child.stop_deadline - self.settings.stop_timeout * 0.3
         if now >= child.stop_deadline:
             log.warning("bot %s: did not stop within %g s: SIGKILL", child.name, self.settings.stop_timeout)
@@ -416,7 +462,15 @@ class ProcessSupervisor:
     def loop_once(self, timeout: float) -> None:
         """Wait up to `timeout` for a message, an exit, a signal or a request, and act on it."""
         objects: list[Any] = [self._wake_r]
-        by_object: dict[Any, tuple[str, Child]] = {}
+        by_object: dict[Any, tuple[str, Any]] = {}
+        forkserver = self.host.forkserver_sentinel()
+        if forkserver is not None:
+            objects.append(forkserver)
+            by_object[forkserver] = ("forkserver", None)
+        agent = self.agent.sentinel
+        if agent is not None:
+            objects.append(agent)
+            by_object[agent] = ("agent", None)
         for child in self.children.values():
             if child.process is not None and child.state in LIVE:
                 objects.append(child.process.sentinel)
@@ -433,7 +487,13 @@ class ProcessSupervisor:
                     pass
                 continue
             kind, child = by_object[obj]
-            if kind == "message":
+            if kind == "forkserver":
+                pid = self.host.forkserver_exited()
+                log.warning("the forkserver (pid %s) died; starting a new one", pid)
+                self.agent.record(None, "forkserver", "died", pid=pid)
+            elif kind == "agent":
+                self.agent.on_exit()
+            elif kind == "message":
                 while child.conn is not None and child.conn.poll():
                     self._on_message(child)
             else:
@@ -442,6 +502,9 @@ class ProcessSupervisor:
             while child.conn is not None and child.conn.poll():
                 self._on_message(child)   # a last heartbeat or reply before the exit
             self._on_exit(child)
+        for child in list(self.children.values()):
+            if child.spawn is not None and child.spawn.done:
+                self._spawned(child)
         while self._signals:
             self._handle_signal(self._signals.popleft())
         if self.control is not None:
@@ -467,7 +530,7 @@ class ProcessSupervisor:
         else:
             log.warning("%s again: stopping every bot at once (SIGKILL)", name)
             for child in self.children.values():
-                if child.state is State.STOPPING:
+                if child.state is State.STOPPING and child.process is not None:
                     child.killed_by_us = True
                     child.process.kill()
 
@@ -555,6 +618,7 @@ class ProcessSupervisor:
         if self.agent is not None:
             self.agent.record(None, "supervisor", "stopped", pid=os.getpid())
             self.agent.close()
+        self.host.close()
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
 

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from host import Spawn
 from pipe_protocol import Kind, Message
 
 
@@ -171,6 +172,30 @@ class FakeHost:
     def oom_kills(self) -> int:
         return self.oom
 
+    on_spawned = staticmethod(lambda: None)
+
+    def spawn(self, target, args: tuple, name: str) -> Spawn:
+        """Starts at once: the returned Spawn is done."""
+        job = Spawn(target, args, name)
+        try:
+            job.finish(*self.start_process(target, args, name))
+        except OSError as exc:
+            job.finish(error=exc)
+        job.forkserver_pid = self.forkserver_pid
+        return job
+
+    forkserver_pid = 1
+    dead_forkservers: set = set()
+
+    def forkserver_sentinel(self):
+        return None
+
+    def forkserver_died(self, pid) -> bool:
+        return pid in self.dead_forkservers
+
+    def close(self) -> None:
+        pass
+
     def start_process(self, target, args: tuple, name: str) -> tuple[FakeProcess, FakeConn]:
         if self.start_failures:
             self.start_failures -= 1
@@ -222,8 +247,17 @@ class FakeAgent:
         self.saved: list[tuple[str, bool]] = []
         self.closed = False
 
+    sentinel = None
+
     def start(self) -> None:
         pass
+
+    def on_exit(self) -> None:
+        pass
+
+    @staticmethod
+    def status() -> dict:
+        return {"state": "up", "pid": 3999, "restarts": 0, "last_error": None, "down_s": None}
 
     def desired_states(self, names: list[str], timeout: float) -> dict[str, str]:
         return {name: self.desired.get(name, "running") for name in names}

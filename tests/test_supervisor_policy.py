@@ -385,3 +385,46 @@ def test_a_removed_bot_being_stopped_cannot_be_started_again_and_leaves_no_orpha
     first, second = fleet.host.of("beta")
     assert first.exitcode is not None, "the old process is gone before the new one runs"
     assert fleet.child("beta").process is second
+
+
+def test_bots_that_die_with_their_forkserver_restart_at_once_without_spending_the_budget(tmp_path):
+    with_forkserver = Script(ready_after=0.01, exit_after=0.5, exit_code=255)
+    fleet = Fleet(tmp_path, scripts={"alpha": [with_forkserver] * 6 + [RUNS]})
+    fleet.host.dead_forkservers = {fleet.host.forkserver_pid}
+    fleet.run_until(lambda: len(fleet.host.of("alpha")) == 7 and fleet.state("alpha") is State.RUNNING, within=10)
+    starts = fleet.starts("alpha")
+    delays = [round(b - a - 0.5, 3) for a, b in zip(starts, starts[1:])]
+    assert delays == [0.05] * 6, "no backoff growth for a death that was not the bot's"
+    assert State.FATAL.value not in fleet.agent.moves("alpha"), "six deaths in 30 s, budget 3: not spent"
+    assert "stopped with its forkserver, which died" in fleet.child("alpha").last_error
+
+
+def test_a_bot_dying_with_exit_status_255_while_its_forkserver_lives_is_a_crash(tmp_path):
+    fleet = Fleet(tmp_path, scripts={"alpha": [Script(ready_after=None, exit_after=0.02, exit_code=255)]})
+    fleet.run_until(lambda: fleet.state("alpha") is State.FATAL, within=10)
+    assert "exit status 255" in fleet.child("alpha").last_error
+
+
+def test_a_stop_while_the_process_is_being_started_stops_it_once_started(tmp_path):
+    fleet = Fleet(tmp_path, bots=("alpha",))
+    fleet.run_until(lambda: fleet.state("alpha") is State.RUNNING, within=2)
+    # a start that the host finishes later: hold the next spawn
+    held = []
+    real_spawn = fleet.host.spawn
+    fleet.host.spawn = lambda *a: held.append(a) or Pending()
+    replies = fleet.request(command="bot_restart", name="alpha")
+    fleet.run_until(lambda: fleet.state("alpha") is State.STARTING and held, within=5)
+    assert fleet.child("alpha").pid is None
+    fleet.request(command="bot_stop", name="alpha")
+    assert fleet.state("alpha") is State.STOPPING
+    job = real_spawn(*held[0])
+    fleet.child("alpha").spawn = job   # the host finishes the start now
+    fleet.run_until(lambda: fleet.state("alpha") is State.STOPPED, within=5)
+    assert [m.kind.value for m in fleet.host.latest("alpha").messages] == ["stop"]
+    assert replies is not None
+
+
+class Pending:
+    """A Spawn the host has not finished."""
+    done = False
+    forkserver_pid = None
