@@ -115,7 +115,8 @@ class ControlRequests:
 
     def _cmd_bot_list(self, payload, reply) -> None:
         reply({"status": "ok", "supervisor": {"pid": os.getpid(), "uptime_s": self._uptime(),
-                                              "socket": str(self.sup.config.socket_path)},
+                                              "socket": str(self.sup.config.socket_path),
+                                              "database_agent": self.sup.agent.status()},
                "heartbeat_timeout_s": self.sup.settings.heartbeat_timeout,
                "bots": [self.bot_row(c) for c in self.sup.children.values()]})
 

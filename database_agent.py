@@ -8,8 +8,10 @@ event log (`dims_events`), waiting out database outages with backoff.
 Two halves: `database_agent_main`, the entry of the agent process (forked like the bots), and
 `DatabaseAgent`, the supervisor's side: events and desired-state changes go out from one sender
 thread through a bounded queue, so the supervisor loop never waits on those writes (reading
-desired states waits, with a deadline); an agent that died is started again and what was queued
-is sent to the new one. Imports at the top: the standard library, `backoff`, `config`,
+desired states waits, with a deadline). The supervisor's loop watches the agent's process like a
+bot's (`sentinel`): a death is logged at once (`on_exit`) and the sender thread starts a new
+agent, with a backoff when one dies soon after its start; what was queued is sent to the new
+one, and `status()` reports it for bot_list and system_health. Imports at the top: the standard library, `backoff`, `config`,
 `pipe_protocol`, `process_setup`, `states`; the database layer only inside the agent process.
 """
 
@@ -37,6 +39,8 @@ log = logging.getLogger("dims.agent")
 QUEUE_MAX = 10_000          # messages the supervisor's sender thread holds before dropping events
 AGENT_BACKLOG_MAX = 100_000  # messages the agent holds while the database is down
 PIPE_WAIT_S = 5.0            # the longest the supervisor's side waits for the pipe
+STABLE_AFTER_S = 10.0        # an agent that lived this long is restarted without delay
+_RESPAWN = object()          # queued by on_exit: the sender thread starts a new agent
 
 
 class AgentUnavailable(RuntimeError):
@@ -173,6 +177,10 @@ class DatabaseAgent:
         self._conn: mpc.Connection | None = None
         self._process = None
         self._sender: threading.Thread | None = None
+        self._started_at = 0.0
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.down_since: float | None = None   # monotonic: no agent answering since then
 
     def start(self) -> None:
         """Start the agent and wait until migrations are applied; AgentUnavailable if it can't."""
@@ -183,6 +191,7 @@ class DatabaseAgent:
     def _spawn(self) -> None:
         self._process, self._conn = self._host.start_process(database_agent_main, (self._config, self._log_level),
                                                              "dims-database")
+        self._started_at = time.monotonic()
         if not self._conn.poll(self._start_timeout):
             self._process.kill()
             raise AgentUnavailable(f"the database was not ready within {self._start_timeout:g} s")
@@ -194,6 +203,42 @@ class DatabaseAgent:
                                    f"({describe_exit(self._process.exitcode)})") from None
         if message.kind is Kind.FAILED:
             raise AgentUnavailable(f"cannot start: {message.body.get('reason')}")
+        self.down_since = None
+
+    # -- watched by the supervisor's loop
+
+    @property
+    def sentinel(self) -> Any:
+        """What the supervisor's loop waits on: ready when the agent's process has exited (None
+        while no agent is up: the sender thread is starting one)."""
+        process = self._process
+        return None if process is None or self.down_since is not None else process.sentinel
+
+    def on_exit(self) -> None:
+        """The agent's process exited (the loop saw its sentinel): say so, and have the sender
+        thread start a new one."""
+        process = self._process
+        if process is None or self.down_since is not None:
+            return
+        process.join(0)
+        code = process.exitcode
+        status = ("stopped with its forkserver, which died" if code == 255 else
+                  "exited; its forkserver did not report how" if code is None else describe_exit(code))
+        self.last_error = f"pid {process.pid} {status}"
+        self.down_since = time.monotonic()
+        log.warning("the database agent (pid %d) %s; starting it again", process.pid, status)
+        try:
+            self._queue.put_nowait(_RESPAWN)
+        except queue.Full:
+            pass   # the sender is busy delivering: its next delivery fails and starts a new agent
+
+    def status(self) -> dict[str, Any]:
+        """The agent as bot_list and system_health report it."""
+        process = self._process
+        up = process is not None and self.down_since is None
+        return {"state": "up" if up else "down", "pid": process.pid if up else None,
+                "restarts": self.restarts, "last_error": self.last_error,
+                "down_s": None if up or self.down_since is None else round(time.monotonic() - self.down_since, 1)}
 
     def desired_states(self, names: list[str], timeout: float) -> dict[str, str] | None:
         """The bots' desired states from the database, or None if no answer came in time."""
@@ -231,20 +276,42 @@ class DatabaseAgent:
             log.warning("database agent queue full: dropped a %s message", message.kind.value)
 
     def _send_loop(self) -> None:
-        backoff = Backoff(0.5, 10.0)
+        backoff = Backoff(0.1, 10.0)
         while True:
             message = self._queue.get()
             if message is None:
                 return
+            if message is _RESPAWN:
+                if self.down_since is not None:
+                    self._respawn(backoff)
+                continue
             while not self._deliver(message):
-                try:
+                if self.down_since is None:   # it died, and the loop has not seen it yet
                     log.warning("the database agent is gone; starting it again")
-                    self._spawn()
-                    backoff.reset()
-                except AgentUnavailable as exc:
-                    delay = backoff.next()
+                    self.down_since = time.monotonic()
+                self._respawn(backoff)
+
+    def _respawn(self, backoff: Backoff) -> None:
+        """Start a new agent, after a delay when the last one died young; retried with backoff
+        until one starts (the database may be down: the agent must migrate to be ready)."""
+        if time.monotonic() - self._started_at >= STABLE_AFTER_S:
+            backoff.reset()
+        else:
+            time.sleep(backoff.next())
+        while True:
+            try:
+                if self._process is not None and self._process.is_alive():
+                    self._process.kill()
+                self._spawn()
+                self.restarts += 1
+                log.info("database agent started again (pid %d)", self._process.pid)
+                return
+            except (AgentUnavailable, OSError) as exc:
+                self.last_error = str(exc)
+                delay = backoff.next()
+                if backoff.grew:
                     log.error("%s; retrying in %.1f s", exc, delay)
-                    time.sleep(delay)
+                time.sleep(delay)
 
     def _deliver(self, message: Message) -> bool:
         with self._lock:

@@ -64,7 +64,14 @@ def system_health(fleet: dict[str, Any] | None, unreachable: str | None, databas
         supervisor, bots = {"status": "down", "reason": unreachable}, []
         problems.append(unreachable)
     else:
-        supervisor = {"status": "ok", **fleet["supervisor"]}
+        supervisor = {"status": "ok", "reason": None, **fleet["supervisor"]}
+        agent = supervisor.get("database_agent")
+        if agent and agent["state"] != "up":
+            supervisor.update(status="degraded", reason=f"the database agent is down"
+                              + (f" for {agent['down_s']:g} s" if agent.get("down_s") is not None else "")
+                              + (f" ({agent['last_error']})" if agent.get("last_error") else "")
+                              + ": events are queued, not yet written")
+            problems.append(f"supervisor: {supervisor['reason']}")
         bots = [bot_health(row, fleet["heartbeat_timeout_s"]) for row in fleet["bots"]]
         problems += [f"bot {b['name']}: {b['reason']}" for b in bots if b["status"] != "ok"]
     db = database_health(database)
