@@ -7,7 +7,9 @@ stored updates to the Application (whose handlers are in `handlers.py`) in order
 chat, several chats at a time, and marks each done when its handler finishes. An update whose
 handler keeps failing is parked as dead with its error; while the database is unreachable the
 bot stops confirming and retries with a delay that grows to its cap, reports itself degraded in
-its heartbeats, and loses nothing.
+its heartbeats, and loses nothing. A Bot API call that fails for a transient cause (network
+error, 5xx, 429) is retried by itself (`telegram_retry.py`) for up to `[telegram] retry_for`
+seconds, giving up its chat's slot while it waits; only then is its update parked.
 
 `run(bot_config, config)` is the single entry: `bot_process.child_main` calls it in a bot
 process under the supervisor, and `main.py --single` in its own process. Imports: telegram,
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import importlib
 import logging
@@ -32,7 +35,7 @@ from typing import Any, Awaitable, Callable
 
 from telegram import BotCommand, Update
 from telegram.error import Conflict, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
-from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes
+from telegram.ext import Application, ApplicationBuilder, ContextTypes
 from telegram.request import HTTPXRequest
 
 from backoff import Backoff
@@ -44,6 +47,7 @@ from multiprocess_connection_manager import (
     ConnectionManager, DatabaseError, DatabaseIntegrationManager, is_database_outage,
 )
 from states import EXIT_FAILED, EXIT_OK, EXIT_START_FAILED, EXIT_TOKEN_REJECTED
+from telegram_retry import RetryInterrupted, RetryingRateLimiter, TelegramUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,27 @@ class Health:
         return "; ".join(found) or None
 
 
+class _Slot:
+    """One of the bot's concurrent-chat slots, held by the chat worker that runs a handler. A
+    Bot API call waiting to be retried gives it up meanwhile (`BotRunner._wait_released`), so
+    the other chats go on; `held` says whether it must be given back at the end."""
+
+    def __init__(self, semaphore: asyncio.Semaphore):
+        self.semaphore, self.held = semaphore, False
+
+    async def acquire(self) -> None:
+        await self.semaphore.acquire()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.semaphore.release()
+
+
+_current_slot: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("slot", default=None)
+
+
 class TokenRejected(Exception):
     """Telegram said the token is not valid (401): retrying cannot help."""
 
@@ -121,6 +146,10 @@ class BotRunner:
         self.bot_id = int(bot_config.token.split(":", 1)[0])
         self.inbox = Inbox(db, bot_config.name, self.bot_id)
         self.app = build_application(bot_config, config.telegram)
+        limiter = self.app.bot.rate_limiter
+        limiter.wait = self._wait_released
+        limiter.failing = lambda reason, backoff: self.health.failing("sending", reason, backoff)
+        limiter.recovered = lambda: self.health.recovered("sending")
         self._failures: dict[int, BaseException] = {}
         self._offset: int | None = None          # the next getUpdates offset: all below is stored
         self._stopping = asyncio.Event()
@@ -144,8 +173,11 @@ class BotRunner:
             self._failures.pop(update.update_id, None)   # the user's mistake, answered: handled
             await update.effective_message.reply_text(error_reply(error, command_of(update)))
             return
-        if is_database_outage(error):
+        if is_database_outage(error) or isinstance(error, RetryInterrupted):
             return   # waited out by _handle, which logs it once per doubling of the delay (Health)
+        if isinstance(error, TelegramUnavailable):
+            log.error("update %s: %s", getattr(update, "update_id", "?"), error)
+            return
         log.error("update %s failed", getattr(update, "update_id", "?"), exc_info=error)
 
     # -- serving: fetching, maintenance, shutdown
@@ -273,8 +305,13 @@ class BotRunner:
         try:
             while queue and not self._stopping.is_set():
                 update_id, update = queue[0]
-                async with self._slots:
+                slot = _Slot(self._slots)
+                _current_slot.set(slot)
+                await slot.acquire()
+                try:
                     await self._handle(update_id, update)
+                finally:
+                    slot.release()
                 queue.popleft()
                 self._scheduled.discard(update_id)
         except Exception:
@@ -314,6 +351,13 @@ class BotRunner:
             if error is None:
                 await self._mark_done(update_id)
                 self.stats.updates_handled += 1
+                return
+            if isinstance(error, RetryInterrupted):
+                return   # stopping: the update stays pending for the next run
+            if isinstance(error, TelegramUnavailable):   # not the handler's fault, but past the bound
+                self.stats.last_error = f"update {update_id}: {error}"[:500]
+                if await self._persist(self.inbox.park, update_id, str(error)):
+                    self.stats.dead += 1
                 return
             if is_database_outage(error):
                 delay = outage.next()
@@ -382,6 +426,18 @@ class BotRunner:
             self.health.recovered("database")
             return result
 
+    async def _wait_released(self, seconds: float) -> bool:
+        """A Bot API call's wait before its retry: the chat's slot is given up meanwhile, so the
+        bot's other chats go on. True if the bot was asked to stop."""
+        slot = _current_slot.get()
+        if slot is None or not slot.held:
+            return await self._stopped_within(seconds)
+        slot.release()
+        try:
+            return await self._stopped_within(seconds)
+        finally:
+            await slot.acquire()
+
     async def _stopped_within(self, seconds: float) -> bool:
         """Wait up to `seconds`; True if the bot was asked to stop meanwhile."""
         with contextlib.suppress(asyncio.TimeoutError):
@@ -436,7 +492,7 @@ def prepare_http_stack() -> None:
 def build_application(bot_config: BotConfig, telegram: TelegramConfig) -> Application:
     api_url = telegram.api_url
     file_url = api_url[:-3] + "file/bot" if api_url.endswith("/bot") else api_url
-    limiter = AIORateLimiter(overall_max_rate=telegram.max_rate, max_retries=3)
+    limiter = RetryingRateLimiter(telegram.max_rate, telegram.retry_for)
     return (ApplicationBuilder().token(bot_config.token).base_url(api_url).base_file_url(file_url)
             .rate_limiter(limiter).updater(None)
             .request(_http(8)).get_updates_request(_http(1))

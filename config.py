@@ -52,6 +52,7 @@ class DatabaseConfig(NamedTuple):
 class TelegramConfig(NamedTuple):
     api_url: str = DEFAULT_API_URL
     max_rate: float = 30.0          # messages/s a bot sends in all (Telegram's flood limit); 0: no limit
+    retry_for: float = 600.0        # seconds a Bot API call is retried through network errors, 5xx and 429
 
 
 class SupervisorConfig(NamedTuple):
@@ -147,7 +148,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "url": str, "pool_min": int, "pool_max": int, "max_connections": int,
         "connect_timeout": _NUMBER, "checkout_timeout": _NUMBER,
     },
-    "telegram": {"api_url": str, "max_rate": _NUMBER},
+    "telegram": {"api_url": str, "max_rate": _NUMBER, "retry_for": _NUMBER},
     "supervisor": {
         "socket": str, "stop_timeout": _NUMBER, "heartbeat_interval": _NUMBER,
         "heartbeat_timeout": _NUMBER, "start_timeout": _NUMBER, "backoff_initial": _NUMBER,

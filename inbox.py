@@ -63,6 +63,14 @@ class Inbox:
             (error[:2000], MAX_ATTEMPTS, self.bot_id, update_id))
         return status == "dead"
 
+    def park(self, update_id: int, error: str) -> bool:
+        """Park a pending update as dead at once (not its handler's fault, but it cannot be
+        answered now); True if it was pending."""
+        status = self.db.fetchval(
+            "UPDATE dims_inbox SET status = 'dead', error = %s WHERE bot_id = %s AND update_id = %s "
+            "AND status = 'pending' RETURNING status", (error[:2000], self.bot_id, update_id))
+        return status == "dead"
+
     def counts(self) -> dict[str, int]:
         rows = self.db.fetchall("SELECT status, count(*) FROM dims_inbox WHERE bot_id = %s AND status <> 'done' "
                                 "GROUP BY status", (self.bot_id,))

@@ -21,7 +21,7 @@ from girls_manager import GirlsManager
 from multiprocess_connection_manager import ConnectionManager, EmbeddedPostgres, Migrator
 from telegram_sandbox import Sandbox
 from tests.conftest import ROOT, reachable_tempdir
-from tests.support import ADMIN, TOKENS, Chat, DimsProcess, buttons, dims_env, write_config
+from tests.support import ADMIN, TOKENS, Chat, DimsProcess, button_data, buttons, dims_env, write_config
 
 TOKEN = TOKENS["alpha"]
 NAMES = ["Alice", "Bella", "Chloe", "Daria", "Eva", "Freya", "Greta", "Hanna", "Irina", "Julia", "Katya"]
@@ -415,6 +415,73 @@ def test_a_handler_that_keeps_failing_is_parked_as_dead_and_the_user_is_told(run
         "SELECT status, attempts, error FROM dims_inbox WHERE payload->'message'->'from'->>'id' = '8008'")
     assert (status, attempts) == ("dead", MAX_ATTEMPTS) and "Injected fault" in error
     assert "Alpha" in chat.say("/start")["text"]
+
+
+def _inbox_row(db, user_id: int) -> tuple:
+    return db.fetchone("SELECT status, attempts, error FROM dims_inbox "
+                       "WHERE payload->'message'->'from'->>'id' = %s ORDER BY update_id DESC LIMIT 1", (str(user_id),))
+
+
+def test_a_telegram_blip_on_sends_is_waited_out_and_the_reply_arrives(running_bot, sandbox, roster_db):
+    # Before: 3 quick handler attempts, each failing on its send, parked the update as dead and the
+    # apology failed too. Now only the failed call is retried, and nothing counts as the handler's.
+    chat = Chat(sandbox, TOKEN, user_id=8011)
+    sandbox.fault(TOKEN, "sendMessage", status=502, times=3)
+    sandbox.fault(TOKEN, "sendMessage", kind="disconnect", times=1)
+    sandbox.fault(TOKEN, "sendMessage", status=429, retry_after=1, times=1)
+    reply = chat.say("/start", timeout=30)
+    assert "Alpha" in reply["text"]
+    statuses = [call["status"] for call in sandbox.calls(TOKEN, "sendMessage")][-8:]
+    assert statuses.count(502) == 3 and statuses.count(0) == 1 and statuses.count(429) == 1
+    deadline = time.monotonic() + 10
+    while _inbox_row(roster_db.db, 8011)[0] != "done" and time.monotonic() < deadline:
+        time.sleep(0.05)   # the done mark is written just after the reply
+    assert _inbox_row(roster_db.db, 8011)[:2] == ("done", 0)
+    log = running_bot.log()
+    assert "Telegram calls fail (sendMessage" in log and "parked as dead" not in log
+    assert "sending: working again" in log
+
+
+def test_a_chat_waiting_out_telegram_does_not_hold_up_the_other_chats(running_bot, sandbox):
+    from bot import MAX_CONCURRENT_UPDATES
+    chats = [Chat(sandbox, TOKEN, user_id=8100 + n) for n in range(MAX_CONCURRENT_UPDATES + 1)]
+    lists = [chat.say("/girls") for chat in chats]
+    sandbox.fault(TOKEN, "editMessageText", status=503, times=5_000)
+    for chat, first in zip(chats, lists):   # every slot's chat now waits on a failing edit
+        chat.seq = sandbox.press(TOKEN, chat.user_id, first["message_id"], button_data(first, "Next »"))["seq"]
+    deadline = time.monotonic() + 20
+    while len([c for c in sandbox.calls(TOKEN, "editMessageText") if c["status"] == 503]) < len(chats) * 2:
+        assert time.monotonic() < deadline, "the edits were not retried"
+        sandbox.messages(TOKEN, 1, wait=0.05)
+    other = Chat(sandbox, TOKEN, user_id=8199)
+    assert "Alpha" in other.say("/start", timeout=5)["text"]   # not behind the waiting chats
+    failed = len([c for c in sandbox.calls(TOKEN, "editMessageText") if c["status"] == 503])
+    logged = running_bot.log().count("Telegram calls fail")
+    assert logged <= 8 < failed, (logged, failed)   # once per doubling of the delay, not per call
+    sandbox.fault(TOKEN, "editMessageText", times=0)
+    for chat in chats:
+        edited = chat.next(timeout=30)
+        assert edited["edited"] and "page 2 of 2" in edited["text"]
+
+
+def test_a_telegram_outage_past_retry_for_parks_the_update_with_the_reason(tmp_path, database_url, roster_db,
+                                                                             sandbox):
+    config = write_config(tmp_path / "dims.toml", extra="[telegram]\nretry_for = 2\n")
+    env = dims_env(database_url, sandbox.api_url, tmp_path / "var")
+    with DimsProcess(["--single", "--config", str(config)], env, tmp_path / "bot.log") as proc:
+        Chat(sandbox, TOKEN, user_id=999).wait_until_answering()
+        chat = Chat(sandbox, TOKEN, user_id=8012)
+        sandbox.fault(TOKEN, "sendMessage", status=500, times=5_000)
+        chat.send("/help")
+        deadline = time.monotonic() + 30
+        while (_inbox_row(roster_db.db, 8012) or ("",))[0] != "dead":
+            assert time.monotonic() < deadline, f"not parked: {_inbox_row(roster_db.db, 8012)}"
+            sandbox.messages(TOKEN, 1, wait=0.1)
+        status, attempts, error = _inbox_row(roster_db.db, 8012)
+        assert "sendMessage failed for 2 s (the bound is 2 s)" in error and attempts == 0
+        sandbox.fault(TOKEN, "sendMessage", times=0)
+        assert "Alpha" in chat.say("/start", timeout=30)["text"]   # the bot carries on
+        assert "update" in proc.log() and "the bound is 2 s" in proc.log()
 
 
 def test_rate_limits_and_server_errors_on_polling_are_waited_out(running_bot, sandbox):

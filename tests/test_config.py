@@ -76,6 +76,7 @@ def test_bot_token_alone_makes_one_bot_named_main():
     ('[database]\npool_min = 5\npool_max = 2\n', "database.pool_min: is 5, larger than database.pool_max (2)"),
     ('[database]\nconnect_timeout = true\n', "database.connect_timeout: expected a number, got a boolean"),
     ('[telegram]\napi_url = "ftp://x"\n', "telegram.api_url: expected an http(s) URL"),
+    ('[telegram]\nretry_for = 0\n', "telegram.retry_for: must be greater than 0, got 0"),
     ('database = 3\n', "database: expected a table [database]"),
     ('colour = "blue"\n', "colour: unknown key"),
     ('[supervisor]\nbackoff_initial = 5\nbackoff_max = 1\n', "supervisor.backoff_initial: is 5, larger than "
