@@ -12,8 +12,10 @@ error, 5xx, 429) is retried by itself (`telegram_retry.py`) for up to `[telegram
 seconds, giving up its chat's slot while it waits; only then is its update parked.
 
 `run(bot_config, config)` is the single entry: `bot_process.child_main` calls it in a bot
-process under the supervisor, and `main.py --single` in its own process. Imports: telegram,
-`backoff`, `config`, `handlers`, `inbox`, `girls_manager`, `states` and the database layer;
+process under the supervisor (with `RunHooks` that speak over the pipe), and `main.py --single`
+in its own process. A database that does not answer at start is waited for, not counted as a
+failed start. Imports: telegram, `backoff`, `config`, `handlers`, `inbox`, `girls_manager`,
+`states`, `telegram_retry` and the database layer;
 never the supervisor or the CLI. Importing it builds nothing; `prepare_http_stack()` is for the
 process that forks the bots.
 """
@@ -44,7 +46,7 @@ from girls_manager import GirlsManager, RosterError
 from handlers import USER_COMMANDS, Handlers, command_of, error_reply, fit
 from inbox import MAX_ATTEMPTS, Inbox
 from multiprocess_connection_manager import (
-    ConnectionManager, DatabaseError, DatabaseIntegrationManager, is_database_outage,
+    ConnectionManager, DatabaseError, DatabaseIntegrationManager, is_database_outage, refuses_us,
 )
 from states import EXIT_FAILED, EXIT_OK, EXIT_START_FAILED, EXIT_TOKEN_REJECTED
 from telegram_retry import RetryInterrupted, RetryingRateLimiter, TelegramUnavailable
@@ -510,38 +512,88 @@ def configure_logging(bot_name: str, secrets: list[str], level: int | str = logg
     install_log_redaction(secrets)
 
 
+class RunHooks:
+    """What the caller of `run` hears of the bot's life, each on the bot's event loop. The
+    supervised child sends it over its pipe (`bot_process.ChildChannel`); `--single` needs none."""
+
+    def started(self, stop: asyncio.Event) -> None:
+        """The event loop runs; setting `stop` stops the bot from now on, even mid-start."""
+
+    def waiting(self, problem: str | None) -> None:
+        """The start waits for an outside cause (`problem`), or no longer (None)."""
+
+    def serving(self, runner: BotRunner) -> None:
+        """The runner exists: its `snapshot()` has the bot's figures from now on."""
+
+    def ready(self) -> None:
+        """Polling and the database are up."""
+
+
 def run(bot_config: BotConfig, config: Config, *, migrate: bool = True, pool_max: int | None = None,
         signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), poll_timeout: int = 30,
-        on_serving: Callable[[BotRunner, asyncio.Event], None] | None = None,
-        on_ready: Callable[[], Any] | None = None) -> int:
+        hooks: RunHooks | None = None) -> int:
     """Run one bot until one of `signals` arrives; returns the process exit code.
 
-    `on_serving(runner, stop)` is called inside the bot's event loop before it starts (the
-    supervisor's child attaches its pipe there); `on_ready()` once polling and the database are up.
+    A database that does not answer at start is waited for (0.1 s doubling to 5 s, logged once
+    per doubling, reported through `hooks.waiting`) for as long as it takes, not counted as a
+    failed start; one that answers and refuses (a wrong password, no such role) ends the start.
     """
     bot_config.require_token()   # ConfigError when this process has no token for the bot
-    manager = DatabaseIntegrationManager(config, role=f"bot:{bot_config.name}", pool_max=pool_max)
-    try:
-        db = manager.initialize_database_coordination(migrate=migrate)
-    except DatabaseError as exc:
-        log.error("cannot start: %s", exc)
-        return EXIT_START_FAILED
-    girls = GirlsManager(db, bot_config.name, bot_config.roster_tags)
-    girls.start_listener()
-    try:
-        return asyncio.run(_serve(BotRunner(bot_config, config, db, girls, poll_timeout=poll_timeout),
-                                  signals, on_serving, on_ready))
-    finally:
-        girls.close()
-        manager.shutdown()
+    return asyncio.run(_run(bot_config, config, migrate, pool_max, signals, poll_timeout, hooks or RunHooks()))
 
 
-async def _serve(runner: BotRunner, signals: tuple[int, ...], on_serving, on_ready) -> int:
+async def _run(bot_config: BotConfig, config: Config, migrate: bool, pool_max: int | None,
+               signals: tuple[int, ...], poll_timeout: int, hooks: RunHooks) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
-    if on_serving:
-        on_serving(runner, stop)
-    return await runner.serve(stop, on_ready)
+    hooks.started(stop)
+    manager = DatabaseIntegrationManager(config, role=f"bot:{bot_config.name}", pool_max=pool_max)
+    try:
+        try:
+            db = await _connect(manager, migrate, stop, hooks)
+        except DatabaseError as exc:
+            log.error("cannot start: %s", exc)
+            return EXIT_START_FAILED
+        if db is None:
+            log.info("stopped before the database answered")
+            return EXIT_OK
+        girls = GirlsManager(db, bot_config.name, bot_config.roster_tags)
+        girls.start_listener()
+        try:
+            runner = BotRunner(bot_config, config, db, girls, poll_timeout=poll_timeout)
+            hooks.serving(runner)
+            return await runner.serve(stop, hooks.ready)
+        finally:
+            girls.close()
+    finally:
+        manager.shutdown()
+
+
+async def _connect(manager: DatabaseIntegrationManager, migrate: bool, stop: asyncio.Event,
+                   hooks: RunHooks) -> ConnectionManager | None:
+    """The bot's database, once it answers; None if `stop` was set first. Raises DatabaseError
+    when the server refuses this bot (`refuses_us`): waiting would not help."""
+    loop = asyncio.get_running_loop()
+    attempt = functools.partial(manager.initialize_database_coordination, migrate=migrate)
+    backoff = Backoff(0.1, 5.0)
+    health = Health()
+    while not stop.is_set():
+        try:
+            db = await loop.run_in_executor(None, attempt)
+        except Exception as exc:
+            if not is_database_outage(exc) or refuses_us(exc) or manager.embedded is not None:
+                raise   # refused, or the embedded server would not start: waiting cannot help
+            delay = backoff.next()
+            health.failing("database", f"waiting for the database to start: {exc}", backoff)
+            hooks.waiting(health.problem())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            continue
+        if backoff.failures:
+            health.recovered("database")
+            hooks.waiting(None)
+        return db
+    return None
 

@@ -57,13 +57,17 @@ def child_config(config: Config, bot_config: BotConfig) -> Config:
 
 
 class ChildChannel:
-    """The child's end of its pipe: answers requests, sends heartbeats, turns `stop` into a stop."""
+    """The child's end of its pipe, and the `bot.RunHooks` of a supervised bot: answers requests,
+    sends heartbeats from the moment the event loop runs (while the start waits for the
+    database too, with the problem, so the supervisor knows the start is not hung), turns `stop`
+    (or EOF) into a stop at any point."""
 
     def __init__(self, conn: mpc.Connection, heartbeat_interval: float):
         self.conn = conn
         self.heartbeat_interval = heartbeat_interval
         self._send_lock = threading.Lock()
         self.runner = None
+        self._problem: str | None = None    # what the start waits for, until the runner exists
         self._heartbeat_task = None
 
     def send(self, message: Message) -> None:
@@ -73,14 +77,23 @@ class ChildChannel:
             except (OSError, ValueError):
                 pass  # the supervisor is gone; the reader thread notices EOF and stops the bot
 
-    def attach(self, runner, stop) -> None:
-        """Called by bot.run inside the bot's event loop once the runner exists. (asyncio is
+    def started(self, stop) -> None:
+        """Called by bot.run inside the bot's event loop, before anything else. (asyncio is
         imported here and below, not at the top: the supervisor process never needs it.)"""
         import asyncio
-        self.runner = runner
         loop = asyncio.get_running_loop()
         threading.Thread(target=self._read, args=(loop, stop), name="pipe-reader", daemon=True).start()
         self._heartbeat_task = loop.create_task(self._heartbeats())   # kept: the loop holds tasks weakly
+
+    def waiting(self, problem: str | None) -> None:
+        self._problem = problem
+        self.send(Message(Kind.HEARTBEAT, self.snapshot()))   # at once: bot_list shows it
+
+    def serving(self, runner) -> None:
+        self.runner = runner
+
+    def snapshot(self) -> dict:
+        return self.runner.snapshot() if self.runner is not None else {"problem": self._problem}
 
     @staticmethod
     def _on_loop(loop, callback, *args) -> None:
@@ -90,16 +103,16 @@ class ChildChannel:
     def _reply(self, request_id: int) -> None:
         """On the event loop, like the heartbeats: a bot whose loop is stuck does not answer,
         so the supervisor sees it as it is."""
-        self.send(Message(Kind.REPLY, self.runner.snapshot(), request_id))
+        self.send(Message(Kind.REPLY, self.snapshot(), request_id))
 
     def ready(self) -> None:
-        self.send(Message(Kind.READY, self.runner.snapshot()))
+        self.send(Message(Kind.READY, self.snapshot()))
 
     async def _heartbeats(self) -> None:
         import asyncio
         while True:
             await asyncio.sleep(self.heartbeat_interval)
-            self.send(Message(Kind.HEARTBEAT, self.runner.snapshot()))
+            self.send(Message(Kind.HEARTBEAT, self.snapshot()))
 
     def _read(self, loop, stop) -> None:
         while True:
@@ -126,7 +139,7 @@ def child_main(bot_config: BotConfig, config: Config, pool_max: int, log_level: 
         bot.configure_logging(bot_config.name, config.secrets(), log_level)
         channel = ChildChannel(conn, config.supervisor.heartbeat_interval)
         code = bot.run(bot_config, config, migrate=False, pool_max=pool_max, signals=(signal.SIGTERM,),
-                       on_serving=channel.attach, on_ready=channel.ready)
+                       hooks=channel)
     except BaseException:  # reported, then the process ends with status 1
         log.exception("bot %s crashed", bot_config.name)
     finally:

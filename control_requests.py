@@ -75,7 +75,7 @@ class ControlRequests:
             "updates_handled": child.stats.get("updates_handled", 0),
             "backlog": child.stats.get("backlog"),
             "last_error": child.last_error or child.stats.get("last_error"),
-            "problem": child.stats.get("problem") if child.state is State.RUNNING else None,
+            "problem": child.stats.get("problem") if child.state in (State.RUNNING, State.STARTING) else None,
             "wanted": "running" if child.wanted else "stopped",
         }
 
@@ -206,6 +206,16 @@ class ControlRequests:
             else:
                 waiter.reply({"status": "error", "reason": f"bot {child.name} is {child.state.value}: {child.last_error}",
                               "bot": self.bot_row(child)})
+
+    def on_start_waiting(self, child) -> None:
+        """A starting bot says it waits for an outside cause (the database down): whoever waits
+        for it to run hears so now, not at their deadline. It goes on waiting by itself."""
+        for waiter in list(self._waiters):
+            if waiter.name == child.name and State.RUNNING in waiter.targets:
+                self._waiters.remove(waiter)
+                waiter.reply({"status": "error", "bot": self.bot_row(child),
+                              "reason": f"bot {child.name} is STARTING: {child.stats.get('problem')}; "
+                                        "it runs by itself once that is over"})
 
     def _query_children(self, payload, reply, row: Callable[[Any, dict], dict]) -> None:
         """Ask every RUNNING bot (or the one named) for fresh stats; answer when all replied. A bot

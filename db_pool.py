@@ -47,6 +47,18 @@ def is_database_outage(exc: BaseException) -> bool:
     return isinstance(exc, (DatabaseError, psycopg2.OperationalError, psycopg2.InterfaceError))
 
 
+# What a server says when it answered and will not let this client in: waiting cannot help.
+_REFUSALS = ("authentication failed", "pg_hba.conf", "does not exist", "is not valid", "permission denied",
+             "no password supplied", "role is not permitted")
+
+
+def refuses_us(exc: BaseException) -> bool:
+    """True when the database answered and refused (a wrong password, no such role or database,
+    a bad URL), as opposed to not answering (down, restarting, unreachable)."""
+    text = str(exc)
+    return any(marker in text for marker in _REFUSALS)
+
+
 def dsn_params(dsn: str) -> dict[str, str]:
     try:
         return psycopg2.extensions.parse_dsn(dsn)

@@ -28,7 +28,8 @@ def bot_health(row: dict[str, Any], heartbeat_timeout: float) -> dict[str, Any]:
     if row["wanted"] == "stopped":
         report["reason"] = "stopped by an operator"
     elif row["state"] != "RUNNING":
-        report.update(status="down", reason=f"{row['state']}" + (f": {row['last_error']}" if row["last_error"] else ""))
+        why = row.get("problem") or row["last_error"]
+        report.update(status="down", reason=f"{row['state']}" + (f": {why}" if why else ""))
     elif row["heartbeat_age_s"] is None or row["heartbeat_age_s"] > heartbeat_timeout:
         report.update(status="degraded", reason=f"no heartbeat for {row['heartbeat_age_s']} s")
     elif row.get("problem"):

@@ -29,7 +29,7 @@ import psycopg2.extensions
 from config import Config
 from db_pool import (
     ConnectionManager, DatabaseError, PoolStats, PoolTimeout, Transaction, clean_error, describe_target,
-    dsn_params, is_database_outage,
+    dsn_params, is_database_outage, refuses_us,
 )
 from embedded_postgres import EmbeddedPostgres, find_postgres_bin
 from migrator import (
@@ -39,7 +39,7 @@ from migrator import (
 __all__ = [
     # db_pool
     "ConnectionManager", "Transaction", "PoolStats", "DatabaseError", "PoolTimeout", "is_database_outage",
-    "describe_target", "dsn_params",
+    "refuses_us", "describe_target", "dsn_params",
     # migrator
     "Migrator", "Migration", "MigrationStatus", "MigrationError", "discover_migrations", "MIGRATIONS_DIR",
     "MIGRATION_LOCK_KEY",

@@ -382,6 +382,9 @@ class ProcessSupervisor:
         if message.kind in (Kind.READY, Kind.HEARTBEAT):   # only these prove the bot's loop turns
             child.last_heartbeat = self.host.monotonic()
             child.stats = message.body
+            if child.state is State.STARTING and message.body.get("problem"):
+                child.started_at = child.last_heartbeat   # waiting for an outside cause, not hung
+                self.requests.on_start_waiting(child)
         if message.kind is Kind.READY and child.state is State.STARTING:
             child.running_since = self.host.monotonic()
             self.change_state(child, State.RUNNING)

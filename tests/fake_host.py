@@ -30,6 +30,7 @@ class Script:
     obeys_stop: bool = True              # exits 0 a moment after a `stop` message
     obeys_term: bool = True              # dies of SIGTERM
     stats: dict | None = None
+    waiting: str | None = None           # until ready, heartbeats say the start waits for this
 
 
 RUNS = Script()
@@ -78,6 +79,8 @@ class FakeProcess:
         self.next_heartbeat: float | None = None
         self.exit_at: float | None = None if script.exit_after is None else self.started + script.exit_after
         self.exit_code_due = script.exit_code
+        if script.waiting:
+            self.next_heartbeat = self.started + host.heartbeat_interval
 
     # -- what the supervisor does to it
 
@@ -141,7 +144,8 @@ class FakeProcess:
             if hung:
                 self.next_heartbeat = None
             else:
-                self.conn.inbox.append(Message(Kind.HEARTBEAT, self.script.stats or {}).encode())
+                body = (self.script.stats or {}) if self.ready_sent else {"problem": self.script.waiting}
+                self.conn.inbox.append(Message(Kind.HEARTBEAT, body).encode())
                 self.next_heartbeat = now + self.host.heartbeat_interval
 
 

@@ -174,7 +174,8 @@ def test_killed_bot_is_back_and_answering_with_the_restart_counted(make_fleet, s
 
 
 def test_crash_loop_backs_off_then_goes_fatal_and_recovers_on_bot_start(make_fleet, sandbox):
-    sandbox.fault(TOKENS["beta"], "getMe", status=500, times=1000)
+    # A 400 is the request's fault: not retried, so every start crashes (a 5xx would be waited out).
+    sandbox.fault(TOKENS["beta"], "getMe", status=400, times=1000)
     fleet = make_fleet().start(["alpha"])
     fatal = fleet.wait_for("beta", ["FATAL"], timeout=60)
     assert fatal["restarts"] == 3 and "restarts within 30 s" in fleet.process.log()
@@ -182,7 +183,7 @@ def test_crash_loop_backs_off_then_goes_fatal_and_recovers_on_bot_start(make_fle
     delays = [float(line.split("restarting in ")[1].split(" s")[0]) for line in log.splitlines()
               if "bot beta: EXITED -> BACKOFF" in line]
     assert len(delays) == 3 and delays[0] < delays[-1], delays   # the backoff grows
-    sandbox.fault(TOKENS["beta"], "getMe", status=500, times=0)   # the cause is fixed
+    sandbox.fault(TOKENS["beta"], "getMe", status=400, times=0)   # the cause is fixed
     answer = fleet.ctl({"command": "bot_start", "name": "beta"})
     assert answer["status"] == "ok" and answer["bot"]["state"] == "RUNNING"
     assert "Beta" in Chat(sandbox, TOKENS["beta"], user_id=72).say("/start")["text"]

@@ -150,3 +150,11 @@ def test_a_killed_database_agent_is_seen_at_once_restarted_and_reported(make_fle
         assert eventually(lambda: db.fetchval(query, (before,)), lambda n: n >= 1, 10) == 1
     finally:
         db.close()
+
+
+def test_neither_the_forkserver_nor_the_database_agent_holds_a_token_in_its_environment(make_fleet):
+    fleet = make_fleet().start(["alpha", "beta"])
+    for what, pid in (("forkserver", forkserver_of(fleet)), ("database agent", agent_of(fleet))):
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"_TOKEN=" not in environ, f"the {what} sees a token variable"
+        assert not any(token.encode() in environ for token in TOKENS.values()), f"the {what} sees a token"

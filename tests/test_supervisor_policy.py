@@ -186,6 +186,20 @@ def test_a_bot_never_ready_is_killed_after_start_timeout(tmp_path):
     fleet.run_until(lambda: fleet.state("alpha") is State.RUNNING, within=1)
 
 
+def test_a_start_waiting_for_the_database_is_not_hung_and_bot_start_hears_why_at_once(tmp_path):
+    waits = Script(ready_after=25, waiting="waiting for the database to start: connection refused (for 1 s)")
+    fleet = Fleet(tmp_path, scripts={"alpha": [RUNS, waits]}, start_timeout=10)
+    fleet.run_until(lambda: fleet.state("alpha") is State.RUNNING, within=1)
+    replies = fleet.request(command="bot_restart", name="alpha", timeout=30)
+    fleet.run_until(lambda: replies, within=2)   # at its first heartbeat, not at the request's deadline
+    assert replies[0]["status"] == "error" and replies[0]["bot"]["state"] == "STARTING"
+    assert "bot alpha is STARTING: waiting for the database to start" in replies[0]["reason"]
+    assert "waiting for the database" in replies[0]["bot"]["problem"]
+    fleet.run_until(lambda: fleet.state("alpha") is State.RUNNING, within=30)   # past start_timeout twice
+    assert len(fleet.host.of("alpha")) == 2 and fleet.host.latest("alpha").signals == []
+    assert fleet.child("alpha").restarts == 0
+
+
 def test_stop_is_a_message_then_sigterm_at_70_percent_then_sigkill_at_the_deadline(tmp_path):
     stubborn = Script(obeys_stop=False, obeys_term=False)
     fleet = Fleet(tmp_path, scripts={"alpha": [stubborn]}, stop_timeout=10)
