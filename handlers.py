@@ -12,13 +12,14 @@ supervisor, the inbox or the CLI.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from typing import Any, Callable
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.constants import MessageLimit
-from telegram.error import TelegramError
+from telegram.error import BadRequest, TelegramError
 from telegram.ext import Application, CallbackQueryHandler, CommandHandler, ContextTypes, MessageHandler, TypeHandler, filters
 
 from config import BotConfig
@@ -30,6 +31,8 @@ PER_PAGE = 8
 FIND_MAX = 20              # /find shows at most this many matches (one button each)
 TOUCH_EVERY_S = 60.0
 TOUCHED_MAX = 10_000       # users remembered for that throttle before stale ones are dropped
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- texts and keyboards
@@ -283,26 +286,26 @@ class Handlers:
         query = update.callback_query
         match = _CALLBACK.match(query.data or "")
         if not match:
-            await query.answer("This button is no longer valid. Send /girls to start again.")
+            await _answer(query, "This button is no longer valid. Send /girls to start again.")
             return
         kind, number, page = match.group(1), int(match.group(2)), int(match.group(3) or 0)
         try:
             if kind == "g":
                 text, keyboard = page_view(await self.read(self.girls.page, number, PER_PAGE))
-                await query.answer()
+                await _answer(query)
                 await _edit_or_send(query, text, keyboard)
             elif kind == "p":
                 await self._open_card(query, number, page)
             else:
                 await self._toggle_from_card(query, number, page)
         except ProfileNotFound:
-            await query.answer("That profile is no longer available. Send /girls for the current list.",
+            await _answer(query, "That profile is no longer available. Send /girls for the current list.",
                                show_alert=True)
 
     async def _open_card(self, query, profile_id: int, page: int) -> None:
         profile = await self.read(self.girls.get, profile_id)
         favourite = await self.read(self.girls.is_favourite, query.from_user.id, profile_id)
-        await query.answer()
+        await _answer(query)
         keyboard = card_keyboard(profile, favourite, page)
         if profile.photo:
             await query.message.reply_photo(profile.photo, caption=fit(card_text(profile), MessageLimit.CAPTION_LENGTH),
@@ -313,7 +316,7 @@ class Handlers:
     async def _toggle_from_card(self, query, profile_id: int, page: int) -> None:
         profile = await self.read(self.girls.get, profile_id)
         profile, now = await self.roster(self.girls.toggle_favourite, query.from_user.id, profile.name)
-        await query.answer(f"{profile.name} {'added to' if now else 'removed from'} your favourites.")
+        await _answer(query, f"{profile.name} {'added to' if now else 'removed from'} your favourites.")
         await query.edit_message_reply_markup(card_keyboard(profile, now, page))
 
     async def unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -338,6 +341,18 @@ def _arguments(update: Update) -> str:
     """The text after the command, spacing and newlines kept (context.args splits on spaces)."""
     text = update.effective_message.text or ""
     return text.split(None, 1)[1] if len(text.split(None, 1)) > 1 else ""
+
+
+async def _answer(query, text: str | None = None, **options: Any) -> None:
+    """Answer a button press. Telegram takes an answer only for a short while after the press;
+    one that comes later (the bot waited out an outage) is refused with a 400, which is no reason
+    to drop the rest of the reply: the edit or the new message still shows the user the result."""
+    try:
+        await query.answer(text, **options)
+    except BadRequest as exc:
+        if "query is too old" not in str(exc) and "query id is invalid" not in str(exc).lower():
+            raise
+        log.info("a button press could no longer be answered (%s); showing the result all the same", exc)
 
 
 async def _edit_or_send(query, text: str, keyboard: InlineKeyboardMarkup | None) -> None:

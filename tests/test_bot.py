@@ -464,6 +464,21 @@ def test_a_chat_waiting_out_telegram_does_not_hold_up_the_other_chats(running_bo
         assert edited["edited"] and "page 2 of 2" in edited["text"]
 
 
+def test_a_button_press_answered_too_late_for_telegram_still_shows_its_result(running_bot, sandbox):
+    # After a long blip, Telegram refuses to answer a press made too long ago; the handler must
+    # not fail (and in the end be parked as dead) for that: the edit still shows the next page.
+    chat = Chat(sandbox, TOKEN, user_id=8013)
+    first = chat.say("/girls")
+    sandbox.fault(TOKEN, "answerCallbackQuery", status=400, times=5, description="Bad Request: query is too old "
+                  "and response timeout expired or query ID is invalid")   # and it stays too old
+    chat.seq = sandbox.press(TOKEN, chat.user_id, first["message_id"], button_data(first, "Next »"))["seq"]
+    edited = chat.next(timeout=10)
+    assert edited["edited"] and "page 2 of 2" in edited["text"]
+    assert [c["status"] for c in sandbox.calls(TOKEN, "answerCallbackQuery")][-1:] == [400], "answered once"
+    sandbox.fault(TOKEN, "answerCallbackQuery", times=0)
+    assert "could no longer be answered" in running_bot.log() and "ERROR" not in running_bot.log()
+
+
 def test_a_telegram_outage_past_retry_for_parks_the_update_with_the_reason(tmp_path, database_url, roster_db,
                                                                              sandbox):
     config = write_config(tmp_path / "dims.toml", extra="[telegram]\nretry_for = 2\n")
