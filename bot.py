@@ -186,30 +186,35 @@ class BotRunner:
 
     async def serve(self, stop: asyncio.Event, on_ready: Callable[[], Awaitable[None] | None] | None = None) -> int:
         """Run until `stop` is set. Returns an exit code."""
-        try:
-            await self.app.initialize()
-        except InvalidToken:
-            log.error("Telegram rejected this bot's token (401 Unauthorized): check the token; not retrying")
-            return EXIT_TOKEN_REJECTED
-        # A stop asked for at any point (even while a database outage holds up the start) is seen
-        # by every wait of this runner, which all watch _stopping.
+        # A stop asked for at any point (even while Telegram or the database holds up the start)
+        # is seen by every wait of this runner, which all watch _stopping.
         stopper = asyncio.create_task(stop.wait(), name="stop")
         stopper.add_done_callback(lambda _: self._stopping.set())
         try:
-            await self.app.bot.set_my_commands([BotCommand(n, fit(t, 256)) for n, t in USER_COMMANDS])
-            log.info("serving as @%s (%s)", self.app.bot.username, self.bot_config.display_name)
-            await self._schedule_pending()          # what an earlier run stored comes first
-            tasks = [asyncio.create_task(self._fetch_loop(), name="fetch"),
-                     asyncio.create_task(self._maintain(), name="maintain")]
-            if on_ready and not self._stopping.is_set():
-                result = on_ready()
-                if asyncio.iscoroutine(result):
-                    await result
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-            return await self._shutdown(tasks, stopper, done)
+            try:
+                await self.app.initialize()
+            except InvalidToken:
+                log.error("Telegram rejected this bot's token (401 Unauthorized): check the token; not retrying")
+                return EXIT_TOKEN_REJECTED
+            try:
+                await self.app.bot.set_my_commands([BotCommand(n, fit(t, 256)) for n, t in USER_COMMANDS])
+                log.info("serving as @%s (%s)", self.app.bot.username, self.bot_config.display_name)
+                await self._schedule_pending()          # what an earlier run stored comes first
+                tasks = [asyncio.create_task(self._fetch_loop(), name="fetch"),
+                         asyncio.create_task(self._maintain(), name="maintain")]
+                if on_ready and not self._stopping.is_set():
+                    result = on_ready()
+                    if asyncio.iscoroutine(result):
+                        await result
+                done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+                return await self._shutdown(tasks, stopper, done)
+            finally:
+                await self.app.shutdown()
+        except RetryInterrupted:
+            log.info("stopped before Telegram answered")
+            return EXIT_OK
         finally:
             stopper.cancel()
-            await self.app.shutdown()
 
     async def _shutdown(self, tasks: list[asyncio.Task], stopper: asyncio.Task, done: set[asyncio.Task]) -> int:
         """Stop fetching, let every update in hand finish, confirm the offset."""

@@ -479,6 +479,19 @@ def test_a_button_press_answered_too_late_for_telegram_still_shows_its_result(ru
     assert "could no longer be answered" in running_bot.log() and "ERROR" not in running_bot.log()
 
 
+def test_a_bot_whose_start_waits_out_telegram_stops_at_once_on_sigterm(tmp_path, database_url, roster_db, sandbox):
+    sandbox.fault(TOKEN, "getMe", status=502, times=5_000)
+    env = dims_env(database_url, sandbox.api_url, tmp_path / "var")
+    try:
+        proc = DimsProcess(["--single", "--config", str(write_config(tmp_path / "dims.toml"))], env,
+                           tmp_path / "bot.log").start()
+        _wait_for(proc.log, lambda text: "Telegram calls fail (getMe" in text, timeout=30)
+        assert proc.stop(timeout=5) == 0, "a stop must not wait for Telegram to answer"
+        assert "stopped before Telegram answered" in proc.log()
+    finally:
+        sandbox.fault(TOKEN, "getMe", times=0)
+
+
 def test_a_telegram_outage_past_retry_for_parks_the_update_with_the_reason(tmp_path, database_url, roster_db,
                                                                              sandbox):
     config = write_config(tmp_path / "dims.toml", extra="[telegram]\nretry_for = 2\n")
