@@ -451,6 +451,14 @@ class BotRunner:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
         return self._stopping.is_set()
 
+    def wake(self) -> None:
+        """Schedule the inbox's pending updates now, not at the next pass (an operator retried
+        dead ones). On the bot's event loop; the task is kept with the workers until it is done."""
+        log.info("woken: handling the inbox's pending updates now")
+        task = asyncio.create_task(self._schedule_pending(), name="wake")
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+
     def snapshot(self) -> dict[str, Any]:
         """Stats for heartbeats and operators."""
         return {"updates_handled": self.stats.updates_handled, "errors": self.stats.errors,

@@ -128,6 +128,12 @@ class ChildChannel:
                 self._on_loop(loop, stop.set)
             elif message.kind in (Kind.STATS, Kind.PING):
                 self._on_loop(loop, self._reply, message.id)
+            elif message.kind is Kind.WAKE:   # an operator retried dead updates: a new pass over the inbox
+                self._on_loop(loop, self._wake)
+
+    def _wake(self) -> None:
+        if self.runner is not None:   # else not serving yet: its start handles what is pending
+            self.runner.wake()
 
 
 def child_main(bot_config: BotConfig, config: Config, pool_max: int, log_level: str, conn: mpc.Connection) -> None:

@@ -3,10 +3,10 @@
 the text printed without `--json` (mostly a short aligned table).
 
 Pure functions of their arguments (the standard library, `control` for the cache_stats fields,
-`roster_files` for an export shown on stdout); `enhanced_ipc_commands` imports this module as
-`show`. Kept apart from it because Python compiles the script it is started with on every run
-but loads imported modules from cached bytecode: what the script does not hold, an operator
-command does not wait for.
+`roster_files` for an export shown on stdout, `inbox_commands` for the updates a retry or a
+discard left alone); `enhanced_ipc_commands` imports this module as `show`. Kept apart from it
+because Python compiles the script it is started with on every run but loads imported modules
+from cached bytecode: what the script does not hold, an operator command does not wait for.
 """
 
 from __future__ import annotations
@@ -78,8 +78,40 @@ def system_health(result: dict[str, Any]) -> str:
     database = result["database"]
     lines.append(f"database: {database['status']}" + (f" ({database['latency_ms']} ms)" if "latency_ms" in database else ""))
     if result["bots"]:
-        lines.append(format_table(result["bots"], ["name", "state", "status", "reason"]))
+        rows = [{**b, "dead": (b.get("inbox") or {}).get("dead")} for b in result["bots"]]
+        lines.append(format_table(rows, ["name", "state", "status", "dead", "reason"]))
     lines += [f"problem: {p}" for p in result["problems"]]
+    return "\n".join(lines)
+
+
+def inbox_list(result: dict[str, Any]) -> str:
+    bot, counts = result["bot"], result["counts"]
+    head = f"bot {bot}: {counts['dead']} dead, {counts['pending']} pending"
+    if not result["updates"]:
+        return f"{head}; no {'' if result['status'] == 'all' else result['status'] + ' '}updates"
+    rows = [{**u, "age": age(u["age_s"]), "chat": u["chat_id"], "preview": shorten(u["preview"] or "", 30) or None,
+             "error": shorten(u["error"] or "", 60) or None} for u in result["updates"]]
+    lines = [head, format_table(rows, ["update_id", "status", "attempts", "age", "chat", "preview", "error"])]
+    if any(u["status"] == "dead" for u in result["updates"]):
+        lines.append(f"inbox_retry {bot} ID... (or --all) hands them to the bot again; "
+                     f"inbox_discard {bot} ID... (or --all) gives up on them")
+    return "\n".join(lines)
+
+
+def inbox_change(result: dict[str, Any]) -> str:
+    """inbox_retry and inbox_discard."""
+    done = "retried" if "retried" in result else "discarded"
+    ids = result[done]
+    if ids:
+        lines = [f"{done} {len(ids)} dead update{'s' if len(ids) != 1 else ''} of bot {result['bot']}: "
+                 + ", ".join(map(str, ids))]
+    else:
+        lines = [f"bot {result['bot']} has no dead updates: none {done}"]
+    if result["not_dead"]:
+        import inbox_commands   # here: only this view words them
+        lines.append("left alone, " + inbox_commands.not_dead_text(result["bot"], result["not_dead"]))
+    if result.get("note"):
+        lines.append(result["note"])
     return "\n".join(lines)
 
 

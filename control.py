@@ -60,6 +60,8 @@ COMMANDS: dict[str, ControlCommand] = {
     "cache_stats": ControlCommand("each bot's roster cache figures, fresh from the bot", optional=("name",),
                                   reply=("bots",)),
     "stats": ControlCommand("each bot's heartbeat figures, fresh from the bot", optional=("name",), reply=("bots",)),
+    "inbox_wake": ControlCommand("tell a RUNNING bot to handle its pending inbox updates now (after inbox_retry); "
+                                 "`woken` is false for a bot that is not running", ("name",), reply=("bot", "woken")),
 }
 _ARGUMENT_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str, type(None)), "states": (list,), "timeout": (int, float),

@@ -181,6 +181,14 @@ class ControlRequests:
     def _cmd_reload(self, payload, reply) -> None:
         reply(self.sup.reload())
 
+    def _cmd_inbox_wake(self, payload, reply) -> None:
+        """Tell a RUNNING bot to handle its pending updates now; any other bot handles them
+        when it runs again (every start begins with what is pending)."""
+        child = self._named(payload, reply)
+        if child is not None:
+            woken = child.state is State.RUNNING and self.sup.send(child, Message(Kind.WAKE))
+            reply({"status": "ok", "bot": self.bot_row(child), "woken": woken})
+
     def _cmd_cache_stats(self, payload, reply) -> None:
         self._query_children(payload, reply, lambda child, stats: {"name": child.name, **dict.fromkeys(CACHE_FIELDS),
                                                                    **(stats.get("cache") or {})})

@@ -3,10 +3,11 @@
 `EnhancedIPCCommands` holds one method per command; `COMMANDS` maps each name to its method, to
 the function in `cli_output` that shows its result, and to the function that declares its
 arguments, so a new command is one method, one view, its arguments and one entry.
-Fleet commands talk to the running supervisor over its control socket (`control.py`); database
-and roster commands talk to PostgreSQL through the connection manager (imported only by the
-commands that need it); `chat` talks to the Telegram sandbox. Human output is a short aligned
-table; with `--json`, stdout is exactly one JSON object. Errors go to stderr.
+Fleet commands talk to the running supervisor over its control socket (`control.py`); database,
+roster and inbox commands talk to PostgreSQL through the connection manager (imported only by the
+commands that need it; the inbox's logic is `inbox_commands`, and `inbox_retry` then asks the
+supervisor, when one runs, to wake the bot); `chat` talks to the Telegram sandbox. Human output
+is a short aligned table; with `--json`, stdout is exactly one JSON object. Errors go to stderr.
 
 Exit status: 0 success / healthy, 1 failed / not healthy, 2 usage or configuration error,
 3 the supervisor is not running. This module must stay light, because an operator command should
@@ -207,6 +208,69 @@ class EnhancedIPCCommands:
         else:
             result["girls"] = rows
         return EXIT_OK, result
+
+    # -- the inbox (`inbox_commands`; the database alone, but a retry wakes the bot when it can)
+
+    def _with_inbox(self, bot: str, action: Callable[[Any], Any]) -> Any:
+        """`action(db)` on the migrated database, once `bot` is known (configured, or with updates
+        in the inbox); the inbox's refusals as CommandErrors (an unknown bot is a usage error)."""
+        import inbox_commands
+        from multiprocess_connection_manager import DatabaseError
+        manager = self._database()
+        try:
+            db = manager.initialize_database_coordination()
+            inbox_commands.check_bot(db, bot, [b.name for b in self.config.bots])
+            return action(db)
+        except inbox_commands.InboxError as exc:
+            raise CommandError(str(exc), EXIT_USAGE if exc.usage else EXIT_FAILED, exc.payload) from None
+        except DatabaseError as exc:
+            raise CommandError(str(exc)) from None
+        finally:
+            manager.shutdown()
+
+    def inbox_list(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        import inbox_commands
+        return EXIT_OK, self._with_inbox(args.bot, lambda db: inbox_commands.list_updates(
+            db, args.bot, args.status, args.n, self.config.secrets()))
+
+    def inbox_retry(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        import inbox_commands
+        ids = self._update_ids(args, "retry")
+        result = self._with_inbox(args.bot, lambda db: inbox_commands.retry(db, args.bot, ids))
+        result.update(self._wake(args.bot) if result["retried"] else {"woken": False, "note": None})
+        return EXIT_OK, result
+
+    def inbox_discard(self, args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+        import inbox_commands
+        ids = self._update_ids(args, "discard")
+        return EXIT_OK, self._with_inbox(args.bot, lambda db: inbox_commands.discard(db, args.bot, ids))
+
+    @staticmethod
+    def _update_ids(args: argparse.Namespace, verb: str) -> list[int] | None:
+        """The update ids named, or None for --all: one or the other."""
+        if args.ids and args.all:
+            raise CommandError("name update ids or give --all, not both", EXIT_USAGE)
+        if not args.ids and not args.all:
+            raise CommandError(f"name the dead updates to {verb} (their update ids, as inbox_list {args.bot} shows "
+                               f"them), or give --all for every one", EXIT_USAGE)
+        return None if args.all else args.ids
+
+    def _wake(self, bot: str) -> dict[str, Any]:
+        """Have the supervisor tell the bot to handle its pending updates now: {"woken", "note"}.
+        Whatever it answers, the retried updates are pending in the inbox and will be handled."""
+        try:
+            answer = self._supervisor({"command": "inbox_wake", "name": bot}, timeout=5)
+        except CommandError as exc:
+            if exc.exit_code == EXIT_NO_SUPERVISOR:
+                return {"woken": False, "note": f"the supervisor is not running: bot {bot} handles them when it next runs"}
+            return {"woken": False, "note": f"bot {bot} could not be told ({exc}): it handles them on its next pass "
+                                            "over the inbox, or when it next runs"}
+        if answer["woken"]:
+            return {"woken": True, "note": f"bot {bot} was told to handle them now"}
+        if answer["bot"]["state"] == "RUNNING":   # its pipe broke just now: it is on its way down
+            return {"woken": False, "note": f"bot {bot} could not be told: it handles them on its next pass "
+                                            "over the inbox, or when it next runs"}
+        return {"woken": False, "note": f"bot {bot} is {answer['bot']['state']}: it handles them when it runs again"}
 
     # -- the fleet (through the supervisor's control socket)
 
@@ -410,6 +474,30 @@ def _chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user-id", type=int, default=1000, help="your Telegram user id in the sandbox (default 1000)")
 
 
+def _inbox_list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bot", metavar="BOT")
+    parser.add_argument("--status", choices=("dead", "pending", "all"), default="dead",
+                        help="which updates (default: dead)")
+    parser.add_argument("-n", type=_at_least_one, default=50, metavar="N", help="the newest N (default 50)")
+
+
+def _inbox_change_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bot", metavar="BOT")
+    parser.add_argument("ids", metavar="ID", type=int, nargs="*", default=[],   # default: not "required"
+                        help="update ids, as inbox_list shows them")
+    parser.add_argument("--all", action="store_true", help="every dead update of BOT")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 class Command(NamedTuple):
     run: Callable[[EnhancedIPCCommands, argparse.Namespace], tuple[int, dict[str, Any]]]
     show: Callable[[dict[str, Any]], str]
@@ -449,6 +537,15 @@ COMMANDS: dict[str, Command] = {
                            _cache_stats_arguments),
     "system_health": Command(EnhancedIPCCommands.system_health, show.system_health,
                              "supervisor, bots, database, migrations, inbox: ok, degraded or down"),
+    "inbox_list": Command(EnhancedIPCCommands.inbox_list, show.inbox_list,
+                          "a bot's updates in the inbox (default: the dead ones): error, chat, preview",
+                          _inbox_list_arguments),
+    "inbox_retry": Command(EnhancedIPCCommands.inbox_retry, show.inbox_change,
+                           "hand a bot's dead updates (IDs, or --all) to it again, now if it runs",
+                           _inbox_change_arguments),
+    "inbox_discard": Command(EnhancedIPCCommands.inbox_discard, show.inbox_change,
+                             "give up on a bot's dead updates (IDs, or --all): never handled",
+                             _inbox_change_arguments),
     "reload": Command(EnhancedIPCCommands.reload, show.reload,
                       "re-read the configuration: start added bots, stop removed ones, restart changed ones"),
     "chat": Command(EnhancedIPCCommands.chat, show.chat,

@@ -1,6 +1,7 @@
 """The durable inbox of one bot: every update Telegram sends is stored here (`dims_inbox`, keyed
 by Telegram's bot id and update_id) before it is confirmed to Telegram, marked done when its
-handler finished, parked as dead when its handler keeps failing, and pruned after a few days.
+handler finished, parked as dead when its handler keeps failing, and pruned after a few days
+(with the dead updates an operator discarded; `inbox_commands` is the operator's side).
 
 Called by `bot.BotRunner` (through `asyncio.to_thread`: psycopg2 blocks) and by the tests.
 Synchronous and small: each method is one statement. Imports the standard library and the
@@ -78,7 +79,9 @@ class Inbox:
         return {"backlog": found.get("pending", 0), "dead": found.get("dead", 0)}
 
     def prune(self, older_than_s: float = INBOX_RETENTION_S) -> int:
+        """Delete done rows, and those an operator discarded, older than `older_than_s`."""
         return self.db.execute(
-            "DELETE FROM dims_inbox WHERE bot_id = %s AND status = 'done' AND done_at < now() - make_interval(secs => %s)",
+            "DELETE FROM dims_inbox WHERE bot_id = %s AND status IN ('done', 'discarded') "
+            "AND done_at < now() - make_interval(secs => %s)",
             (self.bot_id, older_than_s))
 

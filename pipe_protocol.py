@@ -5,7 +5,8 @@ agent): one typed envelope, `Message`, with a closed set of kinds, carried as JS
 Who sends what:
 - a bot -> the supervisor: `ready` once polling and the database are up, a `heartbeat` with its
   stats every heartbeat_interval, a `reply` (same id) to `stats` and `ping`;
-- the supervisor -> a bot: `stop`, `stats`, `ping`;
+- the supervisor -> a bot: `stop`, `stats`, `ping`, and `wake` (handle the inbox's pending
+  updates now: an operator retried dead ones);
 - the supervisor -> the database agent: `event`, `desired`, `save`, `stop`; the agent answers
   `ready` or `failed` once at start, and a `reply` to `desired`.
 
@@ -26,6 +27,7 @@ class Kind(str, enum.Enum):
     STOP = "stop"              # parent -> child: stop gracefully
     STATS = "stats"            # parent -> bot: reply with fresh stats
     PING = "ping"              # parent -> bot: reply at once
+    WAKE = "wake"              # parent -> bot: handle the pending updates in the inbox now (no reply)
     FAILED = "failed"          # database agent -> parent: could not start (body: reason)
     EVENT = "event"            # parent -> database agent: a row for dims_events
     DESIRED = "desired"        # parent -> database agent: reply with the bots' desired states

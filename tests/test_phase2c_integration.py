@@ -24,7 +24,8 @@ from tests.support import TOKENS, Chat, DimsProcess, dims_env, write_config
 LAYERS = ["config", "backoff", "states", "version", "pipe_protocol", "process_setup", "control", "host",
           "db_pool", "migrator", "embedded_postgres", "multiprocess_connection_manager", "roster_rules",
           "roster_cache", "girls_manager", "inbox", "handlers", "bot", "bot_process", "database_agent", "supervisor",
-          "roster_files", "health", "control_requests", "cli_output", "enhanced_ipc_commands", "telegram_sandbox", "demo", "main"]
+          "roster_files", "health", "inbox_commands", "control_requests", "cli_output", "enhanced_ipc_commands",
+          "telegram_sandbox", "demo", "main"]
 
 
 def cli(*args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ import pytest
 
 from bot_process import child_main
 from config import load_config
+from pipe_protocol import Kind
 from states import EXIT_TOKEN_REJECTED, State
 from supervisor import ProcessSupervisor
 from tests.fake_host import CRASHES, RUNS, FakeAgent, FakeHost, Script
@@ -437,6 +438,37 @@ def test_a_stop_while_the_process_is_being_started_stops_it_once_started(tmp_pat
     assert [m.kind.value for m in fleet.host.latest("alpha").messages] == ["stop"]
     assert replies is not None
 
+
+
+def test_inbox_wake_reaches_the_named_running_bot_alone_and_starts_or_hurries_no_other(tmp_path):
+    never_ready = Script(ready_after=None)
+    fleet = Fleet(tmp_path, bots=("alpha", "beta"), scripts={"beta": [CRASHES, never_ready]}, start_timeout=60)
+    fleet.run_until(lambda: fleet.state("alpha") is State.RUNNING and fleet.state("beta") is State.BACKOFF, within=5)
+    (woken,) = fleet.request(command="inbox_wake", name="alpha")      # answered at once: no reply is awaited
+    assert (woken["status"], woken["woken"], woken["bot"]["name"], woken["bot"]["state"]) == (
+        "ok", True, "alpha", "RUNNING")
+    assert [m.kind for m in fleet.host.latest("alpha").messages] == [Kind.WAKE]
+
+    (backoff,) = fleet.request(command="inbox_wake", name="beta")     # crashed, waiting to restart
+    assert (backoff["status"], backoff["woken"], backoff["bot"]["state"]) == ("ok", False, "BACKOFF")
+    assert fleet.state("beta") is State.BACKOFF and len(fleet.host.of("beta")) == 1, "no restart sooner"
+    fleet.run_until(lambda: fleet.state("beta") is State.STARTING, within=5)
+    (starting,) = fleet.request(command="inbox_wake", name="beta")    # a pipe, but not ready: its start handles them
+    assert (starting["woken"], starting["bot"]["state"]) == (False, "STARTING")
+    stopped = fleet.request(command="bot_stop", name="beta")
+    fleet.run_until(lambda: stopped, within=5)
+    (asleep,) = fleet.request(command="inbox_wake", name="beta")
+    assert (asleep["woken"], asleep["bot"]["state"]) == (False, "STOPPED")
+    fleet.run_for(10)
+    assert fleet.state("beta") is State.STOPPED and len(fleet.host.of("beta")) == 2, "a wake starts nothing"
+    assert [m.kind for p in fleet.host.of("beta") for m in p.messages] == [Kind.STOP], "and beta was never woken"
+
+    fleet.host.latest("alpha").conn.closed = True                     # its pipe broke: it cannot be told
+    (unreachable,) = fleet.request(command="inbox_wake", name="alpha")
+    assert (unreachable["status"], unreachable["woken"]) == ("ok", False)
+    (unknown,) = fleet.request(command="inbox_wake", name="gamma")
+    assert unknown["status"] == "error" and unknown["code"] == 2 and "'gamma' is not configured" in unknown["reason"]
+    assert [m.kind for m in fleet.host.latest("alpha").messages] == [Kind.WAKE], "only the first wake got through"
 
 class Pending:
     """A Spawn the host has not finished."""
