@@ -22,7 +22,7 @@ from .constants import (CALLBACK_DATA_BYTES, CHAT_ACTIONS, CONFLICT_POLLER, CONF
 from .errors import ApiError, bad_request
 from .media import URL_PHOTO_SIZE, Upload, image_size
 from .spec import Spec
-from .state import BotState
+from .state import BotState, Fault, FaultStruck
 from .text_formatting import format_text
 
 POLL_ENDINGS = {
@@ -63,6 +63,8 @@ class BotApi:
             if updates or timeout == 0:
                 return updates
             reason = await bot.wait_for_update(timeout)
+            if isinstance(reason, Fault):   # a fault window opened while the poll waited
+                raise FaultStruck(reason)
             if reason in POLL_ENDINGS:
                 raise POLL_ENDINGS[reason]()
             return bot.pending(limit)

@@ -71,15 +71,20 @@ class SandboxClient:
                     return event
         raise TimeoutError(f"no matching bot message in chat {chat_id} within {timeout} s")
 
-    def fault(self, token: str, method: str, status: int = 500, times: int = 1,
+    def fault(self, token: str, method: str, status: int | None = None, times: int | None = None,
               retry_after: int | None = None, kind: str = "error",
-              description: str | None = None, delay: float = 0.0) -> dict:
-        """The next `times` calls of method ("*": any) fail with status (429 carries
-        retry_after), after delay s; kind="disconnect" drops the connection unanswered;
-        times=0 clears the faults still queued for method."""
+              description: str | None = None, delay: float = 0.0,
+              for_s: float | None = None) -> dict:
+        """The next `times` calls (default 1) of method ("*": any) fail, or, with for_s, every
+        call of it during the next for_s seconds (a window; a getUpdates long poll waiting when
+        it opens ends with the fault). kind "error": status (default 500; 429 carries
+        retry_after) after delay s; "disconnect": the connection drops unanswered after delay
+        s; "slow": the normal answer, after delay s. times=0 clears method's queued faults and
+        window ("*": every fault of the bot). Answers {"ok", "method", "pending", "window_s"}."""
         return self._post("fault", {"token": token, "method": method, "status": status,
                                     "times": times, "retry_after": retry_after, "kind": kind,
-                                    "description": description, "delay": delay})
+                                    "description": description, "delay": delay or None,
+                                    "for_s": for_s})
 
     def calls(self, token: str, method: str | None = None) -> list[dict]:
         """The bot's Bot API calls, oldest first (the last 10,000): method, params, status

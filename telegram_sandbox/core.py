@@ -6,6 +6,12 @@ method; every call is logged for /sandbox/calls) and answers the user side: send
 messages, fault, calls, revoke and health. The HTTP server calls it with plain dicts; it runs
 on the server's one event loop.
 
+A fault (`/sandbox/fault`) is an error status (429 with retry_after), a dropped connection
+("disconnect") or a slow answer ("slow": the delay, then the normal answer), for the next
+`times` calls of a method or of any ("*"), or for every such call during the next `for_s`
+seconds (a window, which also ends a getUpdates long poll waiting when it opens, unless it only
+slows answers). `times: 0` clears a method's queued faults and window ("*": all of the bot's).
+
 Imports constants, errors, media, spec, text_formatting, state and bot_api; never the server,
 the client or the runners.
 """
@@ -22,7 +28,7 @@ from .constants import MAX_TEXT_CHARS, SERVED_METHODS, TOKEN_RE, bot_id_of
 from .errors import ApiError
 from .media import StoredFile, Upload
 from .spec import Spec
-from .state import BotState, Fault
+from .state import FAULT_KINDS, BotState, Fault, FaultStruck
 from .text_formatting import command_entities
 
 LOG = logging.getLogger(__name__)
@@ -30,6 +36,8 @@ LOG = logging.getLogger(__name__)
 MESSAGES_WAIT_MAX_S = 60
 MAX_FAULT_TIMES = 10_000
 MAX_FAULT_DELAY_S = 300
+MAX_FAULT_WINDOW_S = 3600
+MAX_FAULT_RETRY_AFTER_S = 3600
 
 _DISCONNECT = object()  # a method's "result" when a fault drops the connection
 
@@ -103,15 +111,15 @@ class SandboxCore:
             raise ApiError(404, "Not Found")
         fault = bot.take_fault(method)
         if fault is not None:
-            record["fault"] = True
-            if fault.delay:
-                await asyncio.sleep(fault.delay)
-            if fault.disconnects:
-                return _DISCONNECT
-            raise fault.error()
+            result = await _inflict(fault, record)
+            if not fault.answers:
+                return result
         params = self.spec.parse_params(method, raw)
         record["params"] = _jsonable(params)
-        return await self.api.handlers[method](bot, params)
+        try:
+            return await self.api.handlers[method](bot, params)
+        except FaultStruck as struck:   # a long poll that a fault window ended
+            return await _inflict(struck.fault, record, wait=False)
 
     def file(self, token: str, path: str) -> StoredFile | None:
         try:
@@ -186,27 +194,39 @@ class SandboxCore:
         return {"ok": True, "messages": events, "last_seq": bot.seq}
 
     def fault(self, body: dict) -> dict:
+        """Queue a fault for the next `times` calls of a method, or open a window of `for_s`
+        seconds in which every call of it fails; `times: 0` clears (see the module's docstring)."""
         bot = self.user_bot(body)
         asked = _field(body, "method", str)
         method = "*" if asked == "*" else self._served.get(asked.lower())
         if method is None:
             raise UserError(f"method {asked!r} is not served (known: {', '.join(SERVED_METHODS)})")
-        status = 0 if body.get("kind") == "disconnect" else _field(body, "status", int, 500)
-        if status != 0 and not 400 <= status <= 599:
-            raise UserError("status must be 400-599, or 0 to drop the connection")
-        fault = Fault(status=status, retry_after=_field(body, "retry_after", int, None),
-                      description=_field(body, "description", str, None),
-                      delay=_field(body, "delay", float, 0.0))
-        times = _field(body, "times", int, 1)
-        if not 0 <= times <= MAX_FAULT_TIMES or not 0 <= fault.delay <= MAX_FAULT_DELAY_S:
-            raise UserError(f"times must be 0-{MAX_FAULT_TIMES} and delay 0-{MAX_FAULT_DELAY_S} s")
-        pending = bot.faults.setdefault(method, collections.deque())
+        times = _field(body, "times", int, None)
+        for_s = _field(body, "for_s", float, None)
+        if times is not None and for_s is not None:
+            raise UserError("give times (the next N calls fail) or for_s (every call fails for "
+                            "that many seconds), not both")
         if times == 0:
-            pending.clear()
+            bot.clear_faults(method)
             LOG.info("bot %s: faults of %s cleared", bot.bot_id, method)
-        pending.extend(fault for _ in range(times))
-        LOG.info("bot %s: next %d %s call(s) fail with %s", bot.bot_id, times, method, status)
-        return {"ok": True, "method": method, "pending": len(pending)}
+            return {"ok": True, "method": method, "pending": 0, "window_s": 0.0}
+        fault = _fault_of(body)
+        if for_s is not None:
+            if not 0 < for_s <= MAX_FAULT_WINDOW_S:
+                raise UserError(f"for_s must be more than 0 and at most {MAX_FAULT_WINDOW_S} s "
+                                "(times: 0 clears)")
+            bot.open_fault_window(method, fault, for_s)
+            LOG.info("bot %s: every %s call for %g s: %s", bot.bot_id, method, for_s,
+                     _fault_name(fault))
+        else:
+            times = 1 if times is None else times
+            if not 0 < times <= MAX_FAULT_TIMES:
+                raise UserError(f"times must be 0-{MAX_FAULT_TIMES}")
+            bot.faults.setdefault(method, collections.deque()).extend(fault for _ in range(times))
+            LOG.info("bot %s: next %d %s call(s): %s", bot.bot_id, times, method,
+                     _fault_name(fault))
+        return {"ok": True, "method": method, "pending": len(bot.faults.get(method, ())),
+                "window_s": round(bot.fault_window_s(method), 3)}
 
     def calls(self, query: dict) -> dict:
         bot = self.user_bot(query)
@@ -240,6 +260,55 @@ def polling_state(bot: BotState) -> dict:
     return {"id": bot.bot_id, "username": bot.user["username"], "polling": bot.poller is not None,
             "last_poll_age_s": age, "webhook": bot.webhook is not None,
             "pending_updates": len(bot.updates)}
+
+
+def _fault_of(body: dict) -> Fault:
+    """The Fault a /sandbox/fault body describes, its fields checked together."""
+    kind = _field(body, "kind", str, "error")
+    if kind not in FAULT_KINDS:
+        raise UserError(f"kind must be one of {', '.join(FAULT_KINDS)} (got {kind!r})")
+    status = _field(body, "status", int, None)
+    retry_after = _field(body, "retry_after", int, None)
+    delay = _field(body, "delay", float, 0.0)
+    if not 0 <= delay <= MAX_FAULT_DELAY_S:
+        raise UserError(f"delay must be 0-{MAX_FAULT_DELAY_S} s")
+    if kind != "error" and (status is not None or retry_after is not None):
+        raise UserError(f"kind {kind!r} takes no status or retry_after: it "
+                        f"{'drops the connection' if kind == 'disconnect' else 'answers normally'}")
+    if kind == "slow":
+        if delay <= 0:
+            raise UserError("kind 'slow' needs a delay (seconds before the normal answer)")
+        return Fault(status=200, delay=delay, kind="slow")
+    if kind == "disconnect" or status == 0:
+        return Fault(status=0, delay=delay, kind="disconnect")
+    status = 500 if status is None else status
+    if not 400 <= status <= 599:
+        raise UserError("status must be 400-599, or 0 to drop the connection")
+    if retry_after is not None and not 1 <= retry_after <= MAX_FAULT_RETRY_AFTER_S:
+        raise UserError(f"retry_after must be 1-{MAX_FAULT_RETRY_AFTER_S} s")
+    return Fault(status=status, retry_after=retry_after, delay=delay,
+                 description=_field(body, "description", str, None))
+
+
+def _fault_name(fault: Fault) -> str:
+    """How the log names a fault: "fail with 502", "drop the connection", "answer after 2 s"."""
+    if fault.answers:
+        return f"answer after {fault.delay:g} s"
+    what = "drop the connection" if fault.disconnects else f"fail with {fault.status}"
+    return what + (f" after {fault.delay:g} s" if fault.delay else "")
+
+
+async def _inflict(fault: Fault, record: dict, wait: bool = True):
+    """Apply a fault to a call: its delay (unless `wait` is False), then drop the connection
+    (_DISCONNECT) or raise its error; a slow answer's returns None and the call goes on."""
+    record["fault"] = True
+    if wait and fault.delay:
+        await asyncio.sleep(fault.delay)
+    if fault.answers:
+        return None
+    if fault.disconnects:
+        return _DISCONNECT
+    raise fault.error()
 
 
 def _check_pressable(bot: BotState, message: dict | None, message_id: int, data: str) -> None:

@@ -4,6 +4,11 @@ A bot's updates and its long poll, its chats and messages, the outbox that /sand
 reads, its files, callback queries, commands, faults and call log. The Bot API methods and the
 core change it, only on the server's event loop, so it needs no locks.
 
+Faults come two ways: queued for the next N calls of a method (or of any, "*"), or as a time
+window in which every such call fails (`open_fault_window`). A window that can fail a
+getUpdates ends the long poll in progress with its fault (`FaultStruck`), so a bot waiting in
+a poll when Telegram "goes down" sees the outage at once, as a real client would.
+
 Imports constants, errors and media; never the Bot API, the core or the server above it.
 """
 
@@ -21,18 +26,28 @@ from .media import StoredFile, scaled_sides
 CALL_LOG_LIMIT = 10_000  # calls kept per bot for /sandbox/calls
 
 
+FAULT_KINDS = ("error", "disconnect", "slow")
+
+
 @dataclasses.dataclass
 class Fault:
-    """An injected failure for the next call of a method."""
+    """An injected failure of one call: after `delay` s, an error answer (kind "error", with
+    status), a dropped connection ("disconnect", status 0) or the normal answer ("slow")."""
 
     status: int
     retry_after: int | None = None
     description: str | None = None
     delay: float = 0.0
+    kind: str = "error"
 
     @property
     def disconnects(self) -> bool:
-        return self.status == 0
+        return self.kind == "disconnect" or self.status == 0
+
+    @property
+    def answers(self) -> bool:
+        """A slow answer: once the delay is over, the call goes on as usual."""
+        return self.kind == "slow"
 
     def error(self) -> ApiError:
         if self.status == 429:
@@ -44,6 +59,25 @@ class Fault:
             self.status, f"{status_phrase(self.status)}: injected fault")
         parameters = {"retry_after": self.retry_after} if self.retry_after else None
         return ApiError(self.status, description, parameters)
+
+
+@dataclasses.dataclass
+class FaultWindow:
+    """Every call of a method (or of any, "*") fails with `fault` until `until` (monotonic)."""
+
+    fault: Fault
+    until: float
+
+    def remaining(self, now: float) -> float:
+        return max(self.until - now, 0.0)
+
+
+class FaultStruck(Exception):
+    """Raised in a long poll that a fault window ended: the core answers it with the fault."""
+
+    def __init__(self, fault: Fault):
+        super().__init__(fault.kind)
+        self.fault = fault
 
 
 class BotState:
@@ -77,6 +111,7 @@ class BotState:
         self.sent_seq: dict[tuple[int, int], int] = {}  # (chat, message id) -> seq at its send
         self.outbox_waiters: dict[int, set[asyncio.Future]] = {}
         self.faults: dict[str, collections.deque[Fault]] = {}
+        self.fault_windows: dict[str, FaultWindow] = {}
         self.calls: collections.deque[dict] = collections.deque(maxlen=CALL_LOG_LIMIT)
 
     # -- updates ---------------------------------------------------------------------------
@@ -107,8 +142,9 @@ class BotState:
     def pending(self, limit: int) -> list[dict]:
         return list(itertools.islice(self.updates, limit))
 
-    async def wait_for_update(self, timeout: float) -> str:
-        """Why the long poll ended: "update", "timeout", "terminated" or "webhook"."""
+    async def wait_for_update(self, timeout: float) -> str | Fault:
+        """Why the long poll ended: "update", "timeout", "terminated", "webhook", "revoked", or
+        the Fault of a window that opened meanwhile."""
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         self.poller = waiter
@@ -120,7 +156,7 @@ class BotState:
             if self.poller is waiter:
                 self.poller = None
 
-    def end_poll(self, reason: str) -> None:
+    def end_poll(self, reason: str | Fault) -> None:
         """Answers the long poll in progress, if any: see bot_api.POLL_ENDINGS for the reasons."""
         if self.poller is not None:
             _settle(self.poller, reason)
@@ -227,11 +263,44 @@ class BotState:
     # -- faults ----------------------------------------------------------------------------
 
     def take_fault(self, method: str) -> Fault | None:
+        """The fault this call of method meets, if any: a queued one first (the method's, then
+        any method's), else an open window's (the same order). Closed windows are dropped."""
         for key in (method, "*"):
             faults = self.faults.get(key)
             if faults:
                 return faults.popleft()
+        now = time.monotonic()
+        for key in (method, "*"):
+            window = self.fault_windows.get(key)
+            if window is None:
+                continue
+            if now < window.until:
+                return window.fault
+            del self.fault_windows[key]
         return None
+
+    def open_fault_window(self, method: str, fault: Fault, seconds: float) -> FaultWindow:
+        """Every call of method ("*": any) fails with fault for the next `seconds` (replacing a
+        window already open for it). A long poll in progress that the window covers ends with
+        the fault at once, unless the fault only slows answers (a poll is slow already)."""
+        window = self.fault_windows[method] = FaultWindow(fault, time.monotonic() + seconds)
+        if method in ("getUpdates", "*") and not fault.answers:
+            self.end_poll(fault)
+        return window
+
+    def clear_faults(self, method: str) -> None:
+        """Drop the queued faults and the window of method; "*" drops every fault of the bot."""
+        if method == "*":
+            self.faults.clear()
+            self.fault_windows.clear()
+            return
+        self.faults.pop(method, None)
+        self.fault_windows.pop(method, None)
+
+    def fault_window_s(self, method: str) -> float:
+        """Seconds left in method's open window (0: none)."""
+        window = self.fault_windows.get(method)
+        return 0.0 if window is None else window.remaining(time.monotonic())
 
 
 def _settle(future: asyncio.Future, value) -> None:

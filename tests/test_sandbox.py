@@ -914,6 +914,120 @@ def test_disconnect_fault_drops_the_connection_without_an_answer(sb, api, token,
     assert [c["status"] for c in sb.calls(token, "sendMessage")] == [0, 0, 200]
 
 
+@pytest.mark.parametrize("fault, expected", [
+    ({"status": 502}, (502, "Bad Gateway: injected fault", None)),
+    ({"status": 429, "retry_after": 3}, (429, "Too Many Requests: retry after 3", {"retry_after": 3})),
+], ids=["502", "429"])
+def test_a_fault_window_fails_every_call_of_its_method_until_it_closes(sb, api, token, user,
+                                                                      fault, expected):
+    window_s = 0.4
+    opened = sb.fault(token, "sendChatAction", for_s=window_s, **fault)
+    opened_at = time.monotonic()
+    assert opened["method"] == "sendChatAction" and 0 < opened["window_s"] <= window_s
+    statuses = []
+
+    def answered_normally():
+        status, body = api("sendChatAction", chat_id=user, action="typing")
+        statuses.append(status)
+        if status != 200:
+            assert (status, body["description"], body.get("parameters")) == expected
+        return status == 200
+    wait_until(answered_normally, what="the window's end")
+    assert time.monotonic() - opened_at >= window_s * 0.9
+    assert len(statuses) >= 3 and set(statuses[:-1]) == {expected[0]}, \
+        "every call in the window failed, not only the next one"
+    assert api("sendMessage", chat_id=user, text="other methods pass")[0] == 200
+    assert sb.fault(token, "sendChatAction", for_s=1, **fault)["window_s"] > 0
+
+
+def test_a_window_of_any_method_ends_the_long_poll_in_progress_with_its_fault(sb, token):
+    poller = BotApi(sb, token)
+    try:
+        poll = in_thread(poller, "getUpdates", {"timeout": 30})
+        poll_in_flight(sb, token)
+        started = time.monotonic()
+        sb.fault(token, "*", status=502, for_s=60)
+        status, body = poll()
+        assert (status, body["description"]) == (502, "Bad Gateway: injected fault")
+        assert time.monotonic() - started < DEADLINE_S / 2, "answered at the window's opening"
+        assert poller("getMe")[0] == 502, "a new call in the window fails too"
+        sb.fault(token, "*", times=0)
+        assert poller("getMe")[0] == 200
+    finally:
+        poller.close()
+
+
+def test_a_disconnect_window_drops_the_long_poll_in_progress(sb, token):
+    poller = BotApi(sb, token)
+    try:
+        poll = in_thread(lambda: pytest.raises((http.client.HTTPException, ConnectionError),
+                                               poller, "getUpdates", {"timeout": 30}))
+        poll_in_flight(sb, token)
+        sb.fault(token, "getUpdates", kind="disconnect", for_s=60)
+        poll()
+        assert sb.calls(token, "getUpdates")[-1]["status"] == 0
+    finally:
+        poller.close()
+
+
+def test_a_slow_fault_answers_normally_after_its_delay(sb, api, token, user):
+    sb.fault(token, "sendMessage", kind="slow", delay=0.3)
+    started = time.monotonic()
+    assert api.ok("sendMessage", chat_id=user, text="late")["text"] == "late"
+    assert time.monotonic() - started >= 0.3
+    started = time.monotonic()
+    api.ok("sendMessage", chat_id=user, text="on time")
+    assert time.monotonic() - started < 0.3, "times defaults to 1"
+    assert [(c["status"], c.get("fault", False)) for c in sb.calls(token, "sendMessage")] == [
+        (200, True), (200, False)]
+
+
+def test_a_slow_window_leaves_a_long_poll_in_progress_to_its_update(sb, api, token):
+    poll = in_thread(api.ok, "getUpdates", {"timeout": 30})
+    poll_in_flight(sb, token)
+    sb.fault(token, "*", kind="slow", delay=0.2, for_s=60)
+    update_id = sb.send(token, 17, "still delivered")["update_id"]
+    assert [u["update_id"] for u in poll()] == [update_id]
+    started = time.monotonic()
+    assert api.ok("getMe")["id"] == int(token.partition(":")[0])
+    assert time.monotonic() - started >= 0.2, "a new call in the window is slowed"
+
+
+def test_clearing_a_method_clears_its_window_and_star_clears_everything(sb, api, token, user):
+    sb.fault(token, "sendChatAction", status=503, for_s=60)
+    sb.fault(token, "sendMessage", status=500, times=5)
+    sb.fault(token, "getMe", kind="disconnect", for_s=60)
+    assert sb.fault(token, "sendChatAction", times=0) == {
+        "ok": True, "method": "sendChatAction", "pending": 0, "window_s": 0.0}
+    assert api("sendChatAction", chat_id=user, action="typing")[0] == 200
+    assert api("sendMessage", chat_id=user, text="x")[0] == 500, "other methods keep theirs"
+    sb.fault(token, "*", times=0)
+    assert api("sendMessage", chat_id=user, text="x")[0] == 200
+    assert api("getMe")[0] == 200
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"times": 2, "for_s": 1}, "not both"),
+    ({"for_s": 0}, "for_s must be more than 0"),
+    ({"for_s": 3601}, "at most 3600"),
+    ({"times": 10_001}, "times must be"),
+    ({"kind": "slow"}, "needs a delay"),
+    ({"kind": "slow", "delay": 1, "status": 502}, "takes no status"),
+    ({"kind": "disconnect", "retry_after": 2}, "takes no status or retry_after"),
+    ({"kind": "flaky"}, "kind must be one of error, disconnect, slow"),
+    ({"status": 302}, "status must be 400-599"),
+    ({"status": 429, "retry_after": 0}, "retry_after must be 1-3600"),
+    ({"delay": 301}, "delay must be 0-300"),
+    ({"for_s": "soon"}, "field 'for_s' must be float"),
+], ids=lambda value: value if isinstance(value, str) else None)
+def test_bad_fault_requests_are_refused_with_a_clear_400(sb, token, body, says):
+    with pytest.raises(SandboxError) as refused:
+        sb._post("fault", {"token": token, "method": "sendMessage", **body})
+    assert refused.value.status == 400 and says in refused.value.description
+    queued = sb.fault(token, "sendMessage", times=1)
+    assert (queued["pending"], queued["window_s"]) == (1, 0.0), "the refused fault left nothing"
+
+
 # -- processes, CLI and terminal chat --------------------------------------------------------
 
 def test_sandbox_process_prints_its_url_and_exits_0_on_sigterm(token):
