@@ -23,6 +23,7 @@ standard library only; the children's entry functions are handed in by the calle
 
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing
 import multiprocessing.connection as mpc
@@ -152,6 +153,7 @@ class Host:
         self._lock = threading.Lock()
         self._forkserver_pid: int | None = None
         self._forkserver_fd: int | None = None     # a pidfd: readable once the forkserver has exited
+        self._dead_forkservers: collections.deque[int] = collections.deque(maxlen=64)
 
     # -- starting processes
 
@@ -253,6 +255,8 @@ class Host:
         with self._lock:
             pid, fd = self._forkserver_pid, self._forkserver_fd
             self._forkserver_fd = None
+            if pid is not None:   # until the spawner replaces it, the pidfd no longer tells
+                self._dead_forkservers.append(pid)
         if fd is not None:
             os.close(fd)
         self.spawn(_prepare_forkserver, (), "forkserver")
@@ -263,7 +267,7 @@ class Host:
         if pid is None:
             return False
         with self._lock:
-            if pid != self._forkserver_pid:
+            if pid != self._forkserver_pid or pid in self._dead_forkservers:
                 return True
             fd = self._forkserver_fd
             if fd is None:

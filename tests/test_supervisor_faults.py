@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -158,3 +160,28 @@ def test_neither_the_forkserver_nor_the_database_agent_holds_a_token_in_its_envi
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"_TOKEN=" not in environ, f"the {what} sees a token variable"
         assert not any(token.encode() in environ for token in TOKENS.values()), f"the {what} sees a token"
+
+
+HOST_RACE = """
+import os, select, signal, sys, time
+sys.path.insert(0, os.getcwd())
+from host import Host
+host = Host()
+process, conn = host.start_process(time.sleep, (60,), "sleeper")
+pid = host._forkserver_pid
+host.spawn(time.sleep, (0.5,), "blocker")   # keeps the spawner busy: no new forkserver yet
+os.kill(pid, signal.SIGKILL)
+select.select([host.forkserver_sentinel()], [], [], 10)
+assert host.forkserver_exited() == pid
+print("died" if host.forkserver_died(pid) else "alive", flush=True)
+process.kill()
+"""
+
+
+def test_a_bot_that_exits_after_its_forkserver_was_seen_dead_but_before_a_new_one_started_is_counted_as_its_death():
+    """The CI race: the loop saw the forkserver die, the spawner had not yet started another, and
+    the bot's exit status 255 then read as the bot's own crash."""
+    done = subprocess.run([sys.executable, "-c", HOST_RACE], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["died"], done.stdout + done.stderr[-2000:]
