@@ -171,7 +171,9 @@ class Handlers:
         await self._commands[name](update, context)
 
     async def touch(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """First/last seen bookkeeping, written at most once a minute per user."""
+        """First/last seen bookkeeping, written at most once a minute per user. It runs after the
+        reply went out, so it never fails the update (which would send the reply again): a failed
+        write is logged and tried again on the user's next update."""
         user = update.effective_user
         now = time.monotonic()
         if user and now - self._touched.get(user.id, -TOUCH_EVERY_S) >= TOUCH_EVERY_S:
@@ -180,7 +182,12 @@ class Handlers:
                 if len(self._touched) >= TOUCHED_MAX // 2:   # ... or everyone, when most are recent
                     self._touched.clear()
             self._touched[user.id] = now
-            await self.roster(self.girls.touch_user, user.id, user.username, user.first_name)
+            try:
+                await self.roster(self.girls.touch_user, user.id, user.username, user.first_name)
+            except Exception as exc:
+                self._touched.pop(user.id, None)
+                log.warning("could not record user %s as seen (tried again on their next message): %s",
+                            user.id, " ".join(str(exc).split())[:300])
 
     # -- user commands
 

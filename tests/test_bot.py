@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psycopg2
 import pytest
 
 from girls_manager import GirlsManager
@@ -440,6 +441,46 @@ def test_a_telegram_blip_on_sends_is_waited_out_and_the_reply_arrives(running_bo
     log = running_bot.log()
     assert "Telegram calls fail (sendMessage" in log and "parked as dead" not in log
     assert "sending: working again" in log
+
+
+def test_a_reply_is_not_sent_again_when_the_seen_bookkeeping_after_it_fails(running_bot, sandbox, database_url,
+                                                                           roster_db):
+    # Found by the chaos bench: PostgreSQL restarted just after a reply went out, the user's
+    # first/last-seen write that follows every reply failed, and the whole update ran again: the
+    # user got the answer twice. The write now fails alone and is tried on their next message.
+    chat = Chat(sandbox, TOKEN, user_id=8014)
+    deadline = time.monotonic() + 10
+    while not roster_db.db.fetchone("SELECT 1 FROM dims_users WHERE user_id = 999"):
+        assert time.monotonic() < deadline, "the fixture's user was never recorded"
+        time.sleep(0.05)   # its bookkeeping, just after its reply, must not meet the lock
+    locker = psycopg2.connect(database_url)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE dims_users IN EXCLUSIVE MODE")   # the bot's write waits on it
+            first = chat.say("/start")
+            assert "Alpha" in first["text"]
+            deadline = time.monotonic() + 10
+            while True:   # watched from another session: this one's view of the activity is frozen
+                waiting = [pid for pid, in roster_db.db.fetchall(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO dims_users%' AND query LIKE '%8014%'")]
+                if waiting:
+                    break
+                assert time.monotonic() < deadline, "the bot never wrote its bookkeeping"
+                time.sleep(0.05)
+            roster_db.db.fetchval("SELECT pg_terminate_backend(%s)", (waiting[0],))   # as a restart would
+        locker.rollback()
+    finally:
+        locker.close()
+    chat.send("/help")   # this chat's updates run in order: a repeat of /start's reply would come first
+    reply = sandbox.wait_for_reply(TOKEN, 8014, after_seq=first["seq"], timeout=20)
+    assert reply["text"].startswith("What you can do here"), f"the /start reply was sent again: {reply['text']!r}"
+    deadline = time.monotonic() + 10
+    while not roster_db.db.fetchone("SELECT 1 FROM dims_users WHERE user_id = 8014"):
+        assert time.monotonic() < deadline, "the user was never recorded"
+        time.sleep(0.05)
+    assert _inbox_row(roster_db.db, 8014)[:2] == ("done", 0)
+    assert "could not record user 8014 as seen" in running_bot.log()
 
 
 def test_a_chat_waiting_out_telegram_does_not_hold_up_the_other_chats(running_bot, sandbox):
