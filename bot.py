@@ -49,7 +49,7 @@ from multiprocess_connection_manager import (
     ConnectionManager, DatabaseError, DatabaseIntegrationManager, is_database_outage, refuses_us,
 )
 from states import EXIT_FAILED, EXIT_OK, EXIT_START_FAILED, EXIT_TOKEN_REJECTED
-from telegram_retry import RetryInterrupted, RetryingRateLimiter, TelegramUnavailable
+from telegram_retry import ClassifyingRequest, RetryInterrupted, RetryingRateLimiter, TelegramUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +491,7 @@ def tls_context() -> ssl.SSLContext:
 
 
 def _http(pool_size: int) -> HTTPXRequest:
-    return HTTPXRequest(connection_pool_size=pool_size, connect_timeout=10, read_timeout=10, write_timeout=10,
+    return ClassifyingRequest(connection_pool_size=pool_size, connect_timeout=10, read_timeout=10, write_timeout=10,
                         pool_timeout=10, httpx_kwargs={"verify": tls_context()})
 
 

@@ -5,8 +5,10 @@ retries a call that failed for a transient cause until it succeeds or a bound is
 Transient: a network error (a refused or reset connection, a timeout), a 5xx (python-telegram-
 bot raises those as `NetworkError`), a 429 (`RetryAfter`: the whole bot pauses for the time
 Telegram asks). Not transient, raised at once: a 400 (`BadRequest`, although python-telegram-bot
-derives it from `NetworkError`), 401, 403, 409 and anything else: those are the request's fault
-and retrying cannot help. Only the call that failed is retried, so a handler's earlier effects
+derives it from `NetworkError`), 401, 403, 409, any other 4xx (`ClassifyingRequest` raises a
+413 or a 414 as `BadRequest` naming its status, where python-telegram-bot would raise it as the
+`NetworkError` of a 5xx) and anything else: those are the request's fault and retrying cannot
+help. Only the call that failed is retried, so a handler's earlier effects
 (a favourite toggled, a profile saved) are not done twice; a call whose answer was lost on the
 way back may be delivered twice, which is the price of not losing it.
 
@@ -15,8 +17,9 @@ Delays grow from 0.2 s to a 10 s cap. A call gives up after `retry_for` seconds 
 Telegram itself keeps updates for 24 hours) with `TelegramUnavailable`. While it waits it calls
 the owner's `wait(delay)`, which lets the bot release the slot the call holds (its other chats go
 on) and stop early, and reports the failure through `failing(reason, backoff)`; `recovered()`
-once no failed call is waiting any more (a call that succeeds meanwhile does not end the problem
-of one that still fails). A stop asked for meanwhile ends the wait with `RetryInterrupted`.
+once Telegram answers a call and no failed call is waiting any more (a call that succeeds
+meanwhile does not end the problem of one that still fails, and a call that gives up does not
+end it either: the next answer does). A stop asked for meanwhile ends the wait with `RetryInterrupted`.
 
 Called by `bot.build_application` and the bot's runner. Imports telegram and `backoff`; never the
 bot, the database layer or the supervisor.
@@ -25,11 +28,14 @@ bot, the database layer or the supervisor.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from http import HTTPStatus
 from typing import Any, Awaitable, Callable
 
 from telegram.error import BadRequest, NetworkError, RetryAfter
 from telegram.ext import AIORateLimiter
+from telegram.request import HTTPXRequest
 
 from backoff import Backoff
 
@@ -49,6 +55,34 @@ class RetryInterrupted(Exception):
 def is_transient(error: BaseException) -> bool:
     """Worth retrying: a network error, a timeout, a 5xx or a 429; not a 400 or any other answer."""
     return isinstance(error, RetryAfter) or (isinstance(error, NetworkError) and not isinstance(error, BadRequest))
+
+
+_CLASSIFIED_4XX = (401, 403, 404, 409, 429)   # python-telegram-bot raises its own error for these
+
+
+class ClassifyingRequest(HTTPXRequest):
+    """python-telegram-bot's HTTP client, but a 4xx it has no error class for (413 Request Entity
+    Too Large, 414, 422, ...) is raised as `BadRequest`, the request's fault, naming the status,
+    instead of as the `NetworkError` it shares with 5xx answers, which would be retried."""
+
+    async def do_request(self, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
+        code, payload = await super().do_request(*args, **kwargs)
+        if 400 < code < 500 and code not in _CLASSIFIED_4XX:
+            return HTTPStatus.BAD_REQUEST, _described(code, payload)
+        return code, payload
+
+
+def _described(code: int, payload: bytes) -> bytes:
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = "HTTP error"
+    try:
+        description = json.loads(payload).get("description")
+    except (ValueError, AttributeError):
+        description = None
+    text = f"{phrase} ({code})" + (f": {description}" if description and description != phrase else "")
+    return json.dumps({"ok": False, "error_code": code, "description": text}).encode()
 
 
 def _seconds(value: Any) -> float:
@@ -76,20 +110,26 @@ class RetryingRateLimiter(AIORateLimiter):
         self.recovered: Callable[[], None] = lambda: None
         self._paused_until = 0.0    # a 429 pauses every call of this bot until then
         self._failing_calls = 0     # calls now between a transient failure and their end
+        self._failed = False        # a transient failure since Telegram last answered
 
     async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):
         backoff = Backoff(RETRY_FIRST_S, RETRY_CAP_S)
         first_failure: float | None = None
+        answered = False   # Telegram answered this call (a result, or an error of the request's own)
         try:
             while True:
                 pause = self._paused_until - self.clock()
                 if pause > 0 and await self.wait(pause):
                     raise RetryInterrupted(f"{endpoint}: stopped while Telegram asked to wait")
                 try:
-                    return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
+                    result = await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
+                    answered = True
+                    return result
                 except Exception as exc:
                     if not is_transient(exc):
+                        answered = True
                         raise
+                    self._failed = True
                     now = self.clock()
                     if first_failure is None:
                         first_failure = now
@@ -110,8 +150,9 @@ class RetryingRateLimiter(AIORateLimiter):
         finally:
             if first_failure is not None:
                 self._failing_calls -= 1
-                if self._failing_calls == 0:
-                    self.recovered()   # no call is waiting on Telegram any more
+            if answered and self._failed and self._failing_calls == 0:
+                self._failed = False
+                self.recovered()   # Telegram answers, and no call is waiting on it any more
 
 
 def _describe(error: BaseException) -> str:

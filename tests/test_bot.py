@@ -418,6 +418,18 @@ def test_a_handler_that_keeps_failing_is_parked_as_dead_and_the_user_is_told(run
     assert "Alpha" in chat.say("/start")["text"]
 
 
+def test_a_4xx_that_is_not_a_400_is_the_requests_fault_and_not_retried_as_a_blip(running_bot, sandbox, roster_db):
+    # python-telegram-bot raises a 413 (or a 414, a 422) as the NetworkError it raises for a 5xx,
+    # which would be retried for retry_for (ten minutes) as a Telegram outage.
+    from inbox import MAX_ATTEMPTS
+    chat = Chat(sandbox, TOKEN, user_id=8015)
+    sandbox.fault(TOKEN, "sendMessage", status=413, times=MAX_ATTEMPTS, description="Request Entity Too Large")
+    assert "could not handle that message" in chat.say("/start", timeout=30)["text"]
+    status, attempts, error = _inbox_row(roster_db.db, 8015)
+    assert (status, attempts) == ("dead", MAX_ATTEMPTS) and "Request Entity Too Large (413)" in error, error
+    assert "Telegram calls fail" not in running_bot.log()
+
+
 def _inbox_row(db, user_id: int) -> tuple:
     return db.fetchone("SELECT status, attempts, error FROM dims_inbox "
                        "WHERE payload->'message'->'from'->>'id' = %s ORDER BY update_id DESC LIMIT 1", (str(user_id),))
@@ -548,9 +560,14 @@ def test_a_telegram_outage_past_retry_for_parks_the_update_with_the_reason(tmp_p
             sandbox.messages(TOKEN, 1, wait=0.1)
         status, attempts, error = _inbox_row(roster_db.db, 8012)
         assert "sendMessage failed for 2 s (the bound is 2 s)" in error and attempts == 0
+        assert "sending: working again" not in proc.log(), "a call that gave up is no sign of recovery"
         sandbox.fault(TOKEN, "sendMessage", times=0)
         assert "Alpha" in chat.say("/start", timeout=30)["text"]   # the bot carries on
         assert "update" in proc.log() and "the bound is 2 s" in proc.log()
+        deadline = time.monotonic() + 10
+        while "sending: working again" not in proc.log():   # logged just after the answer came
+            assert time.monotonic() < deadline, "the recovery was never logged"
+            time.sleep(0.05)
 
 
 def test_rate_limits_and_server_errors_on_polling_are_waited_out(running_bot, sandbox):
