@@ -36,14 +36,17 @@ def state_of(pid: int) -> str:
         return ""
 
 
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
+        if entry.name.isdigit() and (ppid := parent_of(int(entry.name))) is not None:
             children.setdefault(ppid, []).append(int(entry.name))
     found, todo = set(), [pid]
     while todo:
@@ -54,7 +57,9 @@ def descendants(pid: int) -> set[int]:
 
 
 def forkserver_of(fleet) -> int:
-    pids = [p for p in processes_named("dims forkserver") if p in descendants(fleet.process.pid)
+    # main.py's own child: a process just forked from it (a bot, the agent) bears its name too
+    # until it names itself
+    pids = [p for p in processes_named("dims forkserver") if parent_of(p) == fleet.process.pid
             and state_of(p) not in ("Z", "")]
     assert len(pids) == 1, pids
     return pids[0]
