@@ -42,13 +42,14 @@ from telegram.request import HTTPXRequest
 
 from backoff import Backoff
 from config import BotConfig, Config, TelegramConfig, install_log_redaction
+from connection_budget import server_refusal
 from girls_manager import GirlsManager, RosterError
 from handlers import USER_COMMANDS, Handlers, command_of, error_reply, fit
 from inbox import MAX_ATTEMPTS, Inbox
 from multiprocess_connection_manager import (
     ConnectionManager, DatabaseError, DatabaseIntegrationManager, is_database_outage, refuses_us,
 )
-from states import EXIT_FAILED, EXIT_OK, EXIT_START_FAILED, EXIT_TOKEN_REJECTED
+from states import EXIT_FAILED, EXIT_OK, EXIT_START_FAILED, EXIT_TOKEN_REJECTED, EXIT_USAGE
 from telegram_retry import ClassifyingRequest, RetryInterrupted, RetryingRateLimiter, TelegramUnavailable
 
 log = logging.getLogger(__name__)
@@ -544,19 +545,23 @@ class RunHooks:
 
 def run(bot_config: BotConfig, config: Config, *, migrate: bool = True, pool_max: int | None = None,
         signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), poll_timeout: int = 30,
-        hooks: RunHooks | None = None) -> int:
+        hooks: RunHooks | None = None, check_budget: bool = False) -> int:
     """Run one bot until one of `signals` arrives; returns the process exit code.
+
+    `check_budget` (`--single`; the supervisor's agent checks its whole fleet): a server whose
+    max_connections cannot hold this process ends the start with EXIT_USAGE, naming its settings.
 
     A database that does not answer at start is waited for (0.1 s doubling to 5 s, logged once
     per doubling, reported through `hooks.waiting`) for as long as it takes, not counted as a
     failed start; one that answers and refuses (a wrong password, no such role) ends the start.
     """
     bot_config.require_token()   # ConfigError when this process has no token for the bot
-    return asyncio.run(_run(bot_config, config, migrate, pool_max, signals, poll_timeout, hooks or RunHooks()))
+    return asyncio.run(_run(bot_config, config, migrate, pool_max, signals, poll_timeout, hooks or RunHooks(),
+                            check_budget))
 
 
 async def _run(bot_config: BotConfig, config: Config, migrate: bool, pool_max: int | None,
-               signals: tuple[int, ...], poll_timeout: int, hooks: RunHooks) -> int:
+               signals: tuple[int, ...], poll_timeout: int, hooks: RunHooks, check_budget: bool) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in signals:
@@ -566,12 +571,17 @@ async def _run(bot_config: BotConfig, config: Config, migrate: bool, pool_max: i
     try:
         try:
             db = await _connect(manager, migrate, stop, hooks)
+            refused = db is not None and check_budget and await loop.run_in_executor(
+                None, server_refusal, db, config.database, 1)
         except DatabaseError as exc:
             log.error("cannot start: %s", exc)
             return EXIT_START_FAILED
         if db is None:
             log.info("stopped before the database answered")
             return EXIT_OK
+        if refused:
+            log.error("cannot start: %s", refused)
+            return EXIT_USAGE
         girls = GirlsManager(db, bot_config.name, bot_config.roster_tags)
         girls.start_listener()
         try:

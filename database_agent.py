@@ -44,26 +44,37 @@ _RESPAWN = object()          # queued by on_exit: the sender thread starts a new
 
 
 class AgentUnavailable(RuntimeError):
-    """The agent could not start: the database cannot be reached or migrated (message says why)."""
+    """The agent could not start: the database cannot be reached or migrated, or cannot hold the
+    fleet (`configuration`: fixing the configuration or the server is the only cure)."""
+
+    def __init__(self, message: str, configuration: bool = False):
+        super().__init__(message)
+        self.configuration = configuration
 
 
 # --------------------------------------------------------------------------- the agent process
 
 
-def database_agent_main(config: Config, log_level: str, conn: mpc.Connection) -> None:
-    """The entry of the agent process. It always ends the process; it never returns."""
+def database_agent_main(config: Config, log_level: str, fleet: int, conn: mpc.Connection) -> None:
+    """The entry of the agent process (`fleet`: how many bot processes the database must hold).
+    It always ends the process; it never returns."""
     code = 1
     try:
         prepare_child("dims: database agent", "dims db agent")
         logging.basicConfig(level=log_level, format="%(asctime)s database agent: %(levelname)s %(name)s: %(message)s",
                             force=True)
         install_log_redaction(config.secrets())
+        from connection_budget import server_refusal
         from multiprocess_connection_manager import DatabaseError, DatabaseIntegrationManager
         manager = DatabaseIntegrationManager(config, role="supervisor", pool_max=1)
         try:
             db = manager.initialize_database_coordination(migrate=True)
+            refused = server_refusal(db, config.database, fleet)
         except DatabaseError as exc:
             conn.send_bytes(Message(Kind.FAILED, {"reason": str(exc)}).encode())
+            return
+        if refused:
+            conn.send_bytes(Message(Kind.FAILED, {"reason": refused, "configuration": True}).encode())
             return
         conn.send_bytes(Message(Kind.READY).encode())
         _serve(db, conn)
@@ -170,6 +181,7 @@ class DatabaseAgent:
     def __init__(self, host, config: Config, log_level: str, start_timeout: float):
         self._host, self._log_level = host, log_level
         self._config = config._replace(bots=())   # the agent needs no bot, and no token
+        self._fleet = len(config.bots)            # but it checks that the database can hold them
         self._start_timeout = start_timeout
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_MAX)
         self._lock = threading.Lock()          # one writer on the pipe at a time
@@ -189,8 +201,8 @@ class DatabaseAgent:
         self._sender.start()
 
     def _spawn(self) -> None:
-        self._process, self._conn = self._host.start_process(database_agent_main, (self._config, self._log_level),
-                                                             "dims-database")
+        self._process, self._conn = self._host.start_process(
+            database_agent_main, (self._config, self._log_level, self._fleet), "dims-database")
         self._started_at = time.monotonic()
         if not self._conn.poll(self._start_timeout):
             self._process.kill()
@@ -202,7 +214,8 @@ class DatabaseAgent:
             raise AgentUnavailable(f"the database agent died while starting "
                                    f"({describe_exit(self._process.exitcode)})") from None
         if message.kind is Kind.FAILED:
-            raise AgentUnavailable(f"cannot start: {message.body.get('reason')}")
+            raise AgentUnavailable(f"cannot start: {message.body.get('reason')}",
+                                   configuration=bool(message.body.get("configuration")))
         self.down_since = None
 
     # -- watched by the supervisor's loop

@@ -52,6 +52,16 @@ _REFUSALS = ("authentication failed", "pg_hba.conf", "does not exist", "is not v
              "no password supplied", "role is not permitted")
 
 
+# What a server says when every connection slot it has is taken.
+_FULL = ("too many clients", "remaining connection slots are reserved", "too many connections")
+
+
+def server_is_full(exc: BaseException) -> bool:
+    """True when the server answered that its connection slots (max_connections) are used up."""
+    text = str(exc)
+    return any(marker in text for marker in _FULL)
+
+
 def refuses_us(exc: BaseException) -> bool:
     """True when the database answered and refused (a wrong password, no such role or database,
     a bad URL), as opposed to not answering (down, restarting, unreachable)."""
@@ -235,7 +245,8 @@ class ConnectionManager:
         try:
             conn = psycopg2.connect(self.dsn, **extra)
         except psycopg2.OperationalError as exc:
-            raise DatabaseError(f"cannot connect to {self.target}: {clean_error(exc, self.dsn)}") from None
+            full = "too many connections, every slot of the server's max_connections is taken: " if server_is_full(exc) else ""
+            raise DatabaseError(f"cannot connect to {self.target}: {full}{clean_error(exc, self.dsn)}") from None
         conn.autocommit = autocommit
         return conn
 

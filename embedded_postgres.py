@@ -33,7 +33,7 @@ from typing import Any
 import psycopg2
 
 from backoff import Backoff
-from db_pool import DatabaseError
+from db_pool import DatabaseError, server_is_full
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ _BIN_GLOBS = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin", "/usr/local/pgsql
               "/opt/homebrew/opt/postgresql*/bin", "/usr/local/opt/postgresql*/bin",
               "/Applications/Postgres.app/Contents/Versions/*/bin")
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for ".s.PGSQL.5432"
+_STARTING = ("is starting up", "in recovery mode", "not yet accepting connections")
 LOCK_POLL_FIRST = 0.01  # s: the first wait for the start-up lock; the waits double from here
 LOCK_POLL_CAP = 0.1     # s: and stop growing here, so a released lock is taken soon
 
@@ -84,8 +85,11 @@ class EmbeddedPostgres:
     DATABASE = "dims"
     PORT = 5432
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, max_connections: int | None = None):
+        """`max_connections`: the server's, when this call starts it (None: PostgreSQL's default,
+        100); a server already running keeps its own."""
         self.data_dir = Path(data_dir).absolute()
+        self.max_connections = max_connections
         self.run_as = self._server_user()
         self.root = self._cluster_root()
         self.pgdata = self.root / "data"
@@ -155,24 +159,54 @@ class EmbeddedPostgres:
     # -- lifecycle
 
     def is_accepting(self) -> bool:
+        return self.refusal() is None
+
+    def refusal(self) -> str | None:
+        """None when the server lets us in; else why not, in the server's words (or the driver's,
+        when nothing listens)."""
         try:
             conn = psycopg2.connect(f"host={self.socket_dir} port={self.PORT} user={self.SUPERUSER} "
                                     "dbname=postgres connect_timeout=2")
-        except psycopg2.OperationalError:
-            return False
+        except psycopg2.OperationalError as exc:
+            return " ".join(str(exc).split()) or "no answer"
         conn.close()
-        return True
+        return None
+
+    def running_pid(self) -> int | None:
+        """The postmaster's pid while one runs on this cluster (its lock file names a live
+        postgres process), whether or not it lets anyone in."""
+        pid = self.server_pid()
+        if pid is None:
+            return None
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            try:
+                os.kill(pid, 0)   # no /proc (not Linux): a live process is all that can be told
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+            return pid
+        return pid if b"postgres" in command else None
 
     def ensure_running(self, timeout: float = 60.0) -> str:
-        """Start the server unless it already runs; return its DSN."""
-        if self.is_accepting():
+        """Start the server unless it already runs; return its DSN. A running server that will
+        not let us in is not started again: one starting up or recovering is waited for (up to
+        `timeout`), one that refuses (all its connections taken) is a DatabaseError saying so."""
+        refusal = self.refusal()
+        if refusal is None:
             return self.dsn
+        if self.running_pid() is not None:
+            return self._wait_for_running(refusal, timeout)
         bin_dir = find_postgres_bin()
         lock_path = self.data_dir / "postgres.lock"
         with open(lock_path, "a") as lock:
             _flock(lock, timeout)
             if self.is_accepting():  # someone else started it while we waited
                 return self.dsn
+            if self.running_pid() is not None:
+                return self._wait_for_running(self.refusal() or "", timeout)
             self._own_dir(self.root)
             self._own_dir(self.socket_dir)
             if self.root != self.data_dir / "postgres":
@@ -181,6 +215,20 @@ class EmbeddedPostgres:
                 self._initdb(bin_dir, timeout)
             self._start(bin_dir, timeout)
         return self.dsn
+
+    def _wait_for_running(self, refusal: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        delays = Backoff(0.05, 1.0)
+        while refusal and any(marker in refusal for marker in _STARTING) and time.monotonic() < deadline:
+            time.sleep(min(delays.next(), max(0.0, deadline - time.monotonic())))
+            refusal = self.refusal()
+        if not refusal:
+            return self.dsn
+        pid = self.running_pid()
+        if server_is_full(refusal):
+            raise DatabaseError(f"the embedded PostgreSQL in {self.pgdata} (pid {pid}) runs but lets no one in: "
+                                f"too many connections, every slot of its max_connections is taken ({refusal})")
+        raise DatabaseError(f"the embedded PostgreSQL in {self.pgdata} (pid {pid}) runs but lets no one in: {refusal}")
 
     def _initdb(self, bin_dir: Path, timeout: float) -> None:
         log.info("creating the embedded PostgreSQL cluster in %s", self.pgdata)
@@ -197,8 +245,9 @@ class EmbeddedPostgres:
 
     def _start(self, bin_dir: Path, timeout: float) -> None:
         log.info("starting the embedded PostgreSQL (socket in %s)", self.socket_dir)
+        options = ["-o", f"-c max_connections={self.max_connections}"] if self.max_connections else []
         result = self._run([str(bin_dir / "pg_ctl"), "start", "-w", "-t", str(int(timeout)), "-D", str(self.pgdata),
-                            "-l", str(self.log_file)], timeout + 5)
+                            "-l", str(self.log_file), *options], timeout + 5)
         if result.returncode != 0 or not self.is_accepting():
             tail = ""
             with contextlib.suppress(OSError):

@@ -141,12 +141,14 @@ class EnhancedIPCCommands:
         manager = self._database()
         server = manager.embedded
         result: dict[str, Any] = {"data": str(server.pgdata), "pid": server.server_pid(), "stopped": False, "users": []}
-        if result["pid"] is None or not server.is_accepting():
+        if server.running_pid() is None:
             return EXIT_OK, result
         try:
             users = manager.connection_manager().fetchdicts(_OTHER_DIMS_PROCESSES_SQL)
         except DatabaseError as exc:
-            raise CommandError(str(exc)) from None
+            if not args.force:
+                raise CommandError(f"{exc}; --force stops it without asking who uses it") from None
+            users = []
         finally:
             manager.shutdown()
         if users and not args.force:
@@ -347,7 +349,7 @@ class EnhancedIPCCommands:
         from health import INBOX_SQL
         from multiprocess_connection_manager import DatabaseError, Migrator
         manager = self._database()
-        if manager.embedded is not None and not manager.embedded.is_accepting():   # a health check starts nothing
+        if manager.embedded is not None and manager.embedded.running_pid() is None:   # a health check starts nothing
             return {"error": f"the embedded PostgreSQL in {manager.embedded.pgdata} is not running "
                              "(python main.py or db_status starts it)"}
         try:

@@ -187,7 +187,7 @@ class MainIntegrator:
         set_process_title(f"dims: bot {name}", f"dims bot {name}")
         prepare_bot_process()
         bot.configure_logging(bot_config.name, self.config.secrets(), self.args.log_level)
-        return bot.run(bot_config, self.config)
+        return bot.run(bot_config, self.config, check_budget=True)
 
 
 REQUIRED_MODULES = {"telegram": "python-telegram-bot", "psycopg2": "psycopg2-binary"}

@@ -27,6 +27,7 @@ import psycopg2.errors
 import psycopg2.extensions
 
 from config import Config
+from connection_budget import embedded_max_connections
 from db_pool import (
     ConnectionManager, DatabaseError, PoolStats, PoolTimeout, Transaction, clean_error, describe_target,
     dsn_params, is_database_outage, refuses_us,
@@ -97,7 +98,8 @@ class DatabaseIntegrationManager:
         self.config = config
         self.role = role
         self.pool_max = pool_max or config.database.pool_max
-        self.embedded = None if config.database.url else EmbeddedPostgres(config.data_dir)
+        self.embedded = None if config.database.url else EmbeddedPostgres(
+            config.data_dir, max_connections=embedded_max_connections(config.database))
         self.db: ConnectionManager | None = None
 
     def resolve_dsn(self) -> str:

@@ -42,6 +42,7 @@ class IllegalMove(RuntimeError):
 
 # Exit codes of a bot process (sysexits.h where one fits).
 EXIT_OK = 0
+EXIT_USAGE = 2               # the configuration cannot work (the database cannot hold the fleet, ...)
 EXIT_FAILED = 1              # stopped on an error of its own (a crash)
 EXIT_START_FAILED = 75       # EX_TEMPFAIL: could not start (database unreachable, ...): worth retrying
 EXIT_TOKEN_REJECTED = 78     # EX_CONFIG: Telegram rejected the token: restarting cannot help

@@ -40,7 +40,7 @@ from database_agent import AgentUnavailable, DatabaseAgent
 from host import Host
 from pipe_protocol import Kind, Message
 from process_setup import set_process_title
-from states import ALLOWED_MOVES, EXIT_TOKEN_REJECTED, LIVE, IllegalMove, State, describe_exit
+from states import ALLOWED_MOVES, EXIT_FAILED, EXIT_TOKEN_REJECTED, EXIT_USAGE, LIVE, IllegalMove, State, describe_exit
 
 FORKSERVER_GONE = 255   # multiprocessing's exit code for a child whose forkserver went away
 
@@ -50,7 +50,11 @@ RELOAD_STATES_WAIT_S = 2.0  # a reload waits this long for the added bots' desir
 
 
 class SupervisorError(RuntimeError):
-    """The supervisor cannot run; the message says why."""
+    """The supervisor cannot run; the message says why, `exit_code` is main.py's status."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class SupervisorRunning(SupervisorError):
@@ -574,9 +578,9 @@ class ProcessSupervisor:
             while not self.finished:
                 self.loop_once(self.run_timers())
             return 0
-        except SupervisorError as exc:   # another supervisor runs, or the database is unreachable
+        except SupervisorError as exc:   # another supervisor runs, the database is unreachable or too small
             log.error("%s", exc)
-            return 1
+            return exc.exit_code
         finally:
             self.close()
 
@@ -587,7 +591,7 @@ class ProcessSupervisor:
         try:
             self.agent.start()
         except AgentUnavailable as exc:
-            raise SupervisorError(str(exc)) from None
+            raise SupervisorError(str(exc), EXIT_USAGE if exc.configuration else EXIT_FAILED) from None
         except OSError as exc:
             raise SupervisorUnavailable(f"cannot start child processes: {exc}") from None
         self.agent.record(None, "supervisor", "started", pid=os.getpid())
