@@ -23,7 +23,6 @@ standard library only; the children's entry functions are handed in by the calle
 
 from __future__ import annotations
 
-import collections
 import logging
 import multiprocessing
 import multiprocessing.connection as mpc
@@ -153,7 +152,7 @@ class Host:
         self._lock = threading.Lock()
         self._forkserver_pid: int | None = None
         self._forkserver_fd: int | None = None     # a pidfd: readable once the forkserver has exited
-        self._dead_forkservers: collections.deque[int] = collections.deque(maxlen=64)
+        self._forkserver_dead = False   # the loop saw the current one exit; the spawner has not replaced it yet
 
     # -- starting processes
 
@@ -237,7 +236,7 @@ class Host:
                 return
             if self._forkserver_fd is not None:
                 os.close(self._forkserver_fd)
-            self._forkserver_pid, self._forkserver_fd = pid, None
+            self._forkserver_pid, self._forkserver_fd, self._forkserver_dead = pid, None, False
             if pid is not None and hasattr(os, "pidfd_open"):
                 try:
                     self._forkserver_fd = os.pidfd_open(pid)
@@ -255,8 +254,7 @@ class Host:
         with self._lock:
             pid, fd = self._forkserver_pid, self._forkserver_fd
             self._forkserver_fd = None
-            if pid is not None:   # until the spawner replaces it, the pidfd no longer tells
-                self._dead_forkservers.append(pid)
+            self._forkserver_dead = pid is not None   # until the spawner replaces it (the pidfd is closed)
         if fd is not None:
             os.close(fd)
         self.spawn(_prepare_forkserver, (), "forkserver")
@@ -267,7 +265,7 @@ class Host:
         if pid is None:
             return False
         with self._lock:
-            if pid != self._forkserver_pid or pid in self._dead_forkservers:
+            if pid != self._forkserver_pid or self._forkserver_dead:
                 return True
             fd = self._forkserver_fd
             if fd is None:

@@ -58,16 +58,18 @@ def is_transient(error: BaseException) -> bool:
 
 
 _CLASSIFIED_4XX = (401, 403, 404, 409, 429)   # python-telegram-bot raises its own error for these
+_TRANSIENT_4XX = (408, 425)   # Request Timeout (a proxy tired of a slow request), Too Early: a blip
 
 
 class ClassifyingRequest(HTTPXRequest):
     """python-telegram-bot's HTTP client, but a 4xx it has no error class for (413 Request Entity
     Too Large, 414, 422, ...) is raised as `BadRequest`, the request's fault, naming the status,
-    instead of as the `NetworkError` it shares with 5xx answers, which would be retried."""
+    instead of as the `NetworkError` it shares with 5xx answers, which would be retried. 408 and
+    425 stay `NetworkError`s: retrying is what they ask for."""
 
     async def do_request(self, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
         code, payload = await super().do_request(*args, **kwargs)
-        if 400 < code < 500 and code not in _CLASSIFIED_4XX:
+        if 400 < code < 500 and code not in _CLASSIFIED_4XX + _TRANSIENT_4XX:
             return HTTPStatus.BAD_REQUEST, _described(code, payload)
         return code, payload
 

@@ -168,25 +168,35 @@ def test_neither_the_forkserver_nor_the_database_agent_holds_a_token_in_its_envi
 
 
 HOST_RACE = """
-import os, select, signal, sys, time
-sys.path.insert(0, os.getcwd())
-from host import Host
-host = Host()
-process, conn = host.start_process(time.sleep, (60,), "sleeper")
-pid = host._forkserver_pid
-host.spawn(time.sleep, (0.5,), "blocker")   # keeps the spawner busy: no new forkserver yet
+import multiprocessing.forkserver, os, select, signal, sys, threading
+sys.path.insert(0, {root!r})
+import host
+
+machine = host.Host()
+assert machine.spawn(host._prepare_forkserver, (), "forkserver").wait(30)
+pid = machine._forkserver_pid
+release, held = threading.Event(), threading.Event()
+real = multiprocessing.forkserver.ensure_running
+def held_up():   # the spawner's next start waits here: no new forkserver until released
+    held.set()
+    release.wait(30)
+    real()
+multiprocessing.forkserver.ensure_running = held_up
+machine.spawn(host._prepare_forkserver, (), "blocker")
+assert held.wait(10), "the spawner never took the blocker"
 os.kill(pid, signal.SIGKILL)
-select.select([host.forkserver_sentinel()], [], [], 10)
-assert host.forkserver_exited() == pid
-print("died" if host.forkserver_died(pid) else "alive", flush=True)
-process.kill()
+select.select([machine.forkserver_sentinel()], [], [], 10)
+assert machine.forkserver_exited() == pid
+print("died" if machine.forkserver_died(pid) else "alive", flush=True)
+os._exit(0)   # the spawner stays held: no new forkserver outlives us holding our output pipes
 """
 
 
-def test_a_bot_that_exits_after_its_forkserver_was_seen_dead_but_before_a_new_one_started_is_counted_as_its_death():
+def test_a_bot_that_exits_after_its_forkserver_was_seen_dead_but_before_a_new_one_started_is_counted_as_its_death(
+        tmp_path):
     """The CI race: the loop saw the forkserver die, the spawner had not yet started another, and
     the bot's exit status 255 then read as the bot's own crash."""
-    done = subprocess.run([sys.executable, "-c", HOST_RACE], cwd=Path(__file__).resolve().parent.parent,
-                          capture_output=True, text=True, timeout=60)
+    script = HOST_RACE.format(root=str(Path(__file__).resolve().parent.parent))
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["died"], done.stdout + done.stderr[-2000:]
