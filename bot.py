@@ -224,6 +224,7 @@ class BotRunner:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*self._workers, return_exceptions=True)
+        await self.handlers.settle()
         failed = [t.exception() for t in done if t is not stopper and not t.cancelled() and t.exception()]
         if any(isinstance(exc, TokenRejected) for exc in failed):
             return EXIT_TOKEN_REJECTED

@@ -135,6 +135,8 @@ class Handlers:
         self.bot_config = bot_config
         self.girls = girls
         self._touched: dict[int, float] = {}
+        self._background: set[asyncio.Task] = set()   # seen-bookkeeping writes in flight
+        self._seen_failing = False
 
     def is_admin(self, update: Update) -> bool:
         return bool(update.effective_user) and update.effective_user.id in self.bot_config.admins
@@ -171,9 +173,10 @@ class Handlers:
         await self._commands[name](update, context)
 
     async def touch(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """First/last seen bookkeeping, written at most once a minute per user. It runs after the
-        reply went out, so it never fails the update (which would send the reply again): a failed
-        write is logged and tried again on the user's next update."""
+        """First/last seen bookkeeping, written at most once a minute per user, in the background:
+        it neither holds up the update's done mark nor fails the update (which would send the reply
+        again). A failed write is logged (once until one succeeds) and tried again on the user's
+        next update."""
         user = update.effective_user
         now = time.monotonic()
         if user and now - self._touched.get(user.id, -TOUCH_EVERY_S) >= TOUCH_EVERY_S:
@@ -182,12 +185,28 @@ class Handlers:
                 if len(self._touched) >= TOUCHED_MAX // 2:   # ... or everyone, when most are recent
                     self._touched.clear()
             self._touched[user.id] = now
-            try:
-                await self.roster(self.girls.touch_user, user.id, user.username, user.first_name)
-            except Exception as exc:
-                self._touched.pop(user.id, None)
-                log.warning("could not record user %s as seen (tried again on their next message): %s",
-                            user.id, " ".join(str(exc).split())[:300])
+            task = asyncio.create_task(self._record_seen(user.id, user.username, user.first_name),
+                                       name=f"seen-{user.id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _record_seen(self, user_id: int, username: str | None, first_name: str | None) -> None:
+        try:
+            await self.roster(self.girls.touch_user, user_id, username, first_name)
+        except Exception as exc:
+            self._touched.pop(user_id, None)
+            log.log(logging.DEBUG if self._seen_failing else logging.WARNING,
+                    "could not record user %s as seen (tried again on their next message): %s",
+                    user_id, " ".join(str(exc).split())[:300])
+            self._seen_failing = True
+            return
+        if self._seen_failing:
+            self._seen_failing = False
+            log.info("recording users as seen: working again")
+
+    async def settle(self) -> None:
+        """Wait for the bookkeeping still being written (on the way out)."""
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     # -- user commands
 
@@ -324,7 +343,11 @@ class Handlers:
         profile = await self.read(self.girls.get, profile_id)
         profile, now = await self.roster(self.girls.toggle_favourite, query.from_user.id, profile.name)
         await _answer(query, f"{profile.name} {'added to' if now else 'removed from'} your favourites.")
-        await query.edit_message_reply_markup(card_keyboard(profile, now, page))
+        try:
+            await query.edit_message_reply_markup(card_keyboard(profile, now, page))
+        except BadRequest as exc:   # toggled and answered: a card that cannot show it is no reason to toggle again
+            log.info("the card's buttons could not be updated (%s); the favourite is %s", exc,
+                     "set" if now else "cleared")
 
     async def unknown_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         command = (update.effective_message.text or "").split()[0][:40]

@@ -532,6 +532,30 @@ def test_a_button_press_answered_too_late_for_telegram_still_shows_its_result(ru
     assert "could no longer be answered" in running_bot.log() and "ERROR" not in running_bot.log()
 
 
+def test_a_favourite_toggled_on_a_card_that_cannot_be_edited_is_toggled_once_and_said_once(running_bot, sandbox,
+                                                                                            roster_db):
+    # The toggle is done and answered before the card's buttons are edited; an edit Telegram
+    # refuses (the message is gone, or unchanged) ran the whole update again: toggled three
+    # times, contradicting answers, and in the end an apology.
+    chat = Chat(sandbox, TOKEN, user_id=8016)
+    card = chat.press(chat.say("/girls"), "Bella")
+    sandbox.fault(TOKEN, "editMessageReplyMarkup", status=400, times=5, description="Bad Request: message to edit not found")
+    press = sandbox.press(TOKEN, 8016, card["message_id"], button_data(card, "Add to favourites"))
+    pressed = press["update_id"]
+    deadline = time.monotonic() + 20
+    while (row := roster_db.db.fetchone(
+            "SELECT status, attempts FROM dims_inbox WHERE bot_id = %s AND update_id = %s",
+            (int(TOKEN.split(":")[0]), pressed))) is None or row[0] == "pending":
+        assert time.monotonic() < deadline, f"the press was not handled: {row}"
+        time.sleep(0.05)
+    sandbox.fault(TOKEN, "editMessageReplyMarkup", times=0)
+    assert row == ("done", 0)
+    said = [c for c in sandbox.calls(TOKEN, "answerCallbackQuery")
+            if c["params"].get("callback_query_id") == press["callback_query_id"]]
+    assert len(said) == 1 and "added to your favourites" in json.dumps(said[0]), said
+    assert "Bella" in [b["text"] for b in buttons(chat.say("/favs"))]
+
+
 def test_a_bot_whose_start_waits_out_telegram_stops_at_once_on_sigterm(tmp_path, database_url, roster_db, sandbox):
     sandbox.fault(TOKEN, "getMe", status=502, times=5_000)
     env = dims_env(database_url, sandbox.api_url, tmp_path / "var")
