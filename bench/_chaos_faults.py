@@ -24,8 +24,9 @@ OS user that runs it (`postgres` under root). The Telegram windows are the sandb
 `/sandbox/fault` with `for_s`.
 
 A fault's recovery time runs from its end (the kill; the restart; SIGCONT; the window's close)
-until every bot it affects has answered a message that was still unanswered when it began
-(and, for a fault that killed the agent, until bot_list shows a new agent up).
+until every bot it affects has given a message its first answer after that end (a message sent
+during the fault or after it; and, for a fault that killed the agent, until bot_list shows a new
+agent up).
 
 Used by `_chaos_run.py`. Imports `_fleet_common` (processes in /proc) and the embedded
 PostgreSQL's binary finder; never the bots or the supervisor.

@@ -6,7 +6,7 @@ checks. `run(options)` returns a `Result`; `bench/chaos.py` (many seeds) and `te
 The checks, each named when it fails:
 - lost: every message sent has a reply (after the drain), none answered with an apology;
 - duplicates: a message answered twice only if it was in hand at a kill or a PostgreSQL crash:
-  a kill-bot, kill-forkserver or pg-restart after it was sent and at most MARK_WINDOW_S after
+  a kill-bot (of its bot), kill-forkserver or pg-restart after it was sent and at most MARK_WINDOW_S after
   its first answer (its done mark not yet written; done marks are committed without waiting for
   the disk, so a crash may also forget the last ones written);
 - supervisor: main.py never exited;
@@ -172,11 +172,12 @@ def _chaos(options: Options, chaos: ChaosFleet, fleet: common.DimsFleet, say) ->
     def monitor() -> None:   # the agent's state, for the recovery of faults that killed it
         while not stop_monitor.wait(MONITOR_S):
             try:
-                agent = chaos.bot_list()["supervisor"]["database_agent"]
+                listing = chaos.bot_list()
+                agent = listing["supervisor"]["database_agent"]
             except Exception:   # the supervisor busy or gone: the checks below say so
                 continue
             tracker.on_agent(agent["state"], agent["pid"], time.monotonic())
-            for bot in chaos.bot_list()["bots"]:
+            for bot in listing["bots"]:
                 fleet.seen_pids.add(bot["pid"])
 
     watcher = threading.Thread(target=monitor, name="chaos-monitor", daemon=True)
@@ -186,7 +187,7 @@ def _chaos(options: Options, chaos: ChaosFleet, fleet: common.DimsFleet, say) ->
     plan = schedule(options.seed, options.kinds, options.duration, options.gap, QUIET_END_S)
     say(f"chaos seed={options.seed}: {options.bots} bots, {options.users} users at {options.rate:g} msg/s, "
         f"{len(plan)} faults over {options.duration:g} s")
-    kill_times: list[tuple[float, str]] = []   # the faults that may repeat an answer (KILLS)
+    kill_times: list[tuple[float, str, set[str]]] = []   # the faults that may repeat an answer (KILLS), and whom
     try:
         for planned in plan:
             wait = origin + planned.at - time.monotonic()
@@ -197,7 +198,7 @@ def _chaos(options: Options, chaos: ChaosFleet, fleet: common.DimsFleet, say) ->
                 break
             record = injector.inject(planned.number, planned.kind, random.Random(planned.seed))
             if record.kind in KILLS and not record.skipped:
-                kill_times.append((record.start, record.kind))
+                kill_times.append((record.start, record.kind, set(record.bots)))
             say(f"[{record.start - origin:6.1f} s] fault {record.number} {record.kind}: {record.what}")
         time.sleep(max(0.0, origin + options.duration - time.monotonic()))
     finally:
@@ -219,8 +220,8 @@ def _chaos(options: Options, chaos: ChaosFleet, fleet: common.DimsFleet, say) ->
     duplicates = ledger.duplicates()
     unexplained = []
     for key, times in sorted(duplicates.items()):
-        sent_at = ledger.sent[key].at
-        causes = [kind for at, kind in kill_times if sent_at <= at <= times[0] + MARK_WINDOW_S]
+        sent_at, bot = ledger.sent[key].at, ledger.sent[key].bot
+        causes = [kind for at, kind, bots in kill_times if bot in bots and sent_at <= at <= times[0] + MARK_WINDOW_S]
         if not causes:
             unexplained.append(key)
         say(f"answered twice: {key} (sent at {sent_at - origin:.1f} s, answered at "
