@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 3600
 MAINTAIN_EVERY_S = 30
+PROBE_TIMEOUT_S = 20      # a getMe asking whether Telegram is back, after a call gave up
 PENDING_BATCH = 10_000
 FETCH_LIMIT = 100
 FETCH_LINGER_S = 0.020     # when busy: more updates per getUpdates and per inbox write
@@ -346,6 +347,8 @@ class BotRunner:
             counts = await self._persist(self.inbox.counts)
             if counts:
                 self.stats.dead = counts["dead"]
+            if self.app.bot.rate_limiter.unsettled:
+                await self._probe_telegram()
             await self._schedule_pending()
             if await self._stopped_within(MAINTAIN_EVERY_S):
                 return
@@ -434,6 +437,13 @@ class BotRunner:
                 continue
             self.health.recovered("database")
             return result
+
+    async def _probe_telegram(self) -> None:
+        """After a call gave up, the bot may have nothing to send for a long while; one getMe
+        tells whether Telegram answers again, so that health does not go on reporting a failure
+        that is over (and reports it, with the new reason, while it is not)."""
+        with contextlib.suppress(TelegramError, TelegramUnavailable, RetryInterrupted, asyncio.TimeoutError):
+            await asyncio.wait_for(self.app.bot.get_me(), PROBE_TIMEOUT_S)
 
     async def _wait_released(self, seconds: float) -> bool:
         """A Bot API call's wait before its retry: the chat's slot is given up meanwhile, so the

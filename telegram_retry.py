@@ -114,6 +114,12 @@ class RetryingRateLimiter(AIORateLimiter):
         self._failing_calls = 0     # calls now between a transient failure and their end
         self._failed = False        # a transient failure since Telegram last answered
 
+    @property
+    def unsettled(self) -> bool:
+        """A call failed (and gave up) and no call has been answered since: whether Telegram is
+        back is unknown until the next call, which the owner may make (`getMe`) to find out."""
+        return self._failed and self._failing_calls == 0
+
     async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):
         backoff = Backoff(RETRY_FIRST_S, RETRY_CAP_S)
         first_failure: float | None = None
