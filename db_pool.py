@@ -98,6 +98,7 @@ def clean_error(exc: BaseException, dsn: str) -> str:
 
 # --------------------------------------------------------------------------- the pool
 
+IDLE_TIMEOUT_S = 60.0                # a pooled connection unused this long is closed (beyond minconn)
 _ABANDONED: list[Any] = []           # connections inherited through fork: kept, never closed
 _MANAGERS: "weakref.WeakSet[ConnectionManager]" = weakref.WeakSet()
 
@@ -186,12 +187,13 @@ class PoolStats:
     timeouts: int = 0
     replaced: int = 0
     created: int = 0
+    released: int = 0    # closed after idling past the pool's idle_timeout
 
     def as_dict(self) -> dict[str, Any]:
         return {"role": self.role, "pid": self.pid, "max": self.max, "size": self.size,
                 "in_use": self.in_use, "idle": self.size - self.in_use, "checkouts": self.checkouts,
                 "waits": self.waits, "timeouts": self.timeouts, "replaced": self.replaced,
-                "created": self.created}
+                "created": self.created, "released": self.released}
 
 
 class ConnectionManager:
@@ -205,7 +207,7 @@ class ConnectionManager:
     """
 
     def __init__(self, dsn: str, *, role: str = "main", minconn: int = 0, maxconn: int = 4,
-                 checkout_timeout: float = 10.0, connect_timeout: float = 5.0):
+                 checkout_timeout: float = 10.0, connect_timeout: float = 5.0, idle_timeout: float = IDLE_TIMEOUT_S):
         if maxconn < 1:
             raise ValueError("maxconn must be at least 1")
         self.dsn = dsn
@@ -214,6 +216,7 @@ class ConnectionManager:
         self.maxconn = maxconn
         self.checkout_timeout = checkout_timeout
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
         self.target = describe_target(dsn)
         self._closed = False
         self._reset_state()
@@ -222,7 +225,8 @@ class ConnectionManager:
     def _reset_state(self) -> None:
         self._pid = os.getpid()
         self._cond = threading.Condition()
-        self._idle: list[Any] = []
+        self._idle: list[Any] = []                 # the most recently returned last
+        self._idle_since: dict[Any, float] = {}    # when each idle connection was returned
         self._owned: set[Any] = set()
         self._stats = PoolStats(role=self.role, pid=self._pid, max=self.maxconn)
 
@@ -272,6 +276,7 @@ class ConnectionManager:
                     self._stats.waits += 1
                 self._cond.wait(remaining)
             conn = self._idle.pop() if self._idle else None
+            self._idle_since.pop(conn, None)
             if conn is None:
                 self._owned.add(placeholder := object())
             self._stats.checkouts += 1
@@ -314,7 +319,25 @@ class ConnectionManager:
                     conn.close()
             else:
                 self._idle.append(conn)
+                self._idle_since[conn] = time.monotonic()
+            stale = self._take_stale()
             self._cond.notify()
+        for old in stale:
+            with contextlib.suppress(Exception):
+                old.close()
+
+    def _take_stale(self) -> list[Any]:
+        """Under the lock: the connections idle for longer than `idle_timeout`, beyond `minconn`,
+        taken out of the pool to be closed (the pool shrinks back to what is used)."""
+        stale = []
+        cutoff = time.monotonic() - self.idle_timeout
+        while len(self._owned) > self.minconn and self._idle and self._idle_since.get(self._idle[0], 0.0) < cutoff:
+            conn = self._idle.pop(0)
+            self._idle_since.pop(conn, None)
+            self._owned.discard(conn)
+            self._stats.released += 1
+            stale.append(conn)
+        return stale
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -384,6 +407,7 @@ class ConnectionManager:
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
+            self._idle_since.clear()
             for conn in idle:
                 self._owned.discard(conn)
                 with contextlib.suppress(Exception):

@@ -82,6 +82,36 @@ def test_exhausted_pool_waits_for_a_connection_then_fails_clearly(database_url):
     pool.close()
 
 
+def _server_connections(dsn: str, role: str) -> int:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (f"dims:{role}",))
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("idle_timeout, left", [(0.3, 1), (60.0, 3)])
+def test_connections_idle_past_the_idle_timeout_are_closed_down_to_minconn(database_url, idle_timeout, left):
+    role = f"idle-{int(idle_timeout * 10)}"
+    pool = ConnectionManager(database_url, role=role, minconn=1, maxconn=4, idle_timeout=idle_timeout)
+    try:
+        with pool.transaction(), pool.transaction(), pool.transaction():   # a burst: three at once
+            pass
+        assert _server_connections(database_url, role) == 3
+        time.sleep(0.4)   # the pool idles past the short timeout (not past the long one)
+        assert pool.fetchval("SELECT 1") == 1   # a use after the pause lets the pool shrink
+        deadline = time.monotonic() + 5
+        while _server_connections(database_url, role) != left:   # a closed session ends a moment later
+            assert time.monotonic() < deadline, _server_connections(database_url, role)
+            time.sleep(0.02)
+        stats = pool.stats()
+        assert stats["size"] == left and stats["released"] == 3 - left
+    finally:
+        pool.close()
+
+
 def test_connection_killed_by_the_server_is_replaced_transparently(db, pg_admin_dsn):
     first = db.fetchval("SELECT pg_backend_pid()")
     admin = psycopg2.connect(pg_admin_dsn)
