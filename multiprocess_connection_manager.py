@@ -25,6 +25,7 @@ import logging
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
+import psycopg2.sql
 
 from config import Config
 from connection_budget import embedded_max_connections
@@ -72,7 +73,7 @@ def ensure_database(dsn: str, connect_timeout: float = 5.0) -> None:
         try:
             admin.autocommit = True
             with admin.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{name}"')
+                cur.execute(psycopg2.sql.SQL("CREATE DATABASE {}").format(psycopg2.sql.Identifier(name)))
             log.info("created database %s", name)
         except psycopg2.errors.DuplicateDatabase:
             pass

@@ -20,7 +20,7 @@ import pytest
 from config import load_config, pool_max_for
 from multiprocess_connection_manager import (
     ConnectionManager, DatabaseError, DatabaseIntegrationManager, EmbeddedPostgres, MigrationError,
-    Migrator, PoolTimeout, discover_migrations,
+    Migrator, PoolTimeout, discover_migrations, ensure_database,
 )
 from tests.conftest import ROOT, reachable_tempdir
 
@@ -243,6 +243,24 @@ def test_integration_manager_creates_the_database_and_migrates(pg_admin_dsn, tmp
         admin = psycopg2.connect(pg_admin_dsn)
         admin.autocommit = True
         admin.cursor().execute(f'DROP DATABASE IF EXISTS "dims_created_{os.getpid()}" WITH (FORCE)')
+        admin.close()
+
+
+def test_a_database_name_with_quotes_and_spaces_is_created_as_named(pg_admin_dsn):
+    import psycopg2.extensions as ext
+    import psycopg2.sql as sql
+    name = f'dims "odd" name; {os.getpid()}'
+    try:
+        ensure_database(ext.make_dsn(pg_admin_dsn, dbname=name))
+        conn = psycopg2.connect(ext.make_dsn(pg_admin_dsn, dbname=name))
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_database()")
+            assert cur.fetchone()[0] == name
+        conn.close()
+    finally:
+        admin = psycopg2.connect(pg_admin_dsn)
+        admin.autocommit = True
+        admin.cursor().execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         admin.close()
 
 
