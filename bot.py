@@ -583,7 +583,7 @@ async def _run(bot_config: BotConfig, config: Config, migrate: bool, pool_max: i
         try:
             db = await _connect(manager, migrate, stop, hooks)
             refused = db is not None and check_budget and await loop.run_in_executor(
-                None, server_refusal, db, config.database, 1)
+                None, server_refusal, db, config.database, 1, manager.embedded is not None)
         except DatabaseError as exc:
             log.error("cannot start: %s", exc)
             return EXIT_START_FAILED

@@ -53,25 +53,30 @@ def embedded_max_connections(db: DatabaseConfig) -> int:
 
 
 def refusal(db: DatabaseConfig, processes: int, server_max: int, superuser_reserved: int,
-            target: str) -> str | None:
-    """Why the server cannot hold the fleet, naming its two settings; None when it fits."""
+            target: str, embedded: bool = False) -> str | None:
+    """Why the server cannot hold the fleet, naming its two settings and what would fit; None
+    when it fits. `embedded`: the server is DIMS's own, started earlier with a smaller budget."""
     wanted = need(db, processes)
     room = server_max - superuser_reserved
     if wanted.total <= room:
         return None
-    smallest = processes * 2 + CLI_RESERVED_CONNECTIONS   # a pool of one for every process
-    if smallest <= room:
+    smallest = max(1, processes) * 2 + CLI_RESERVED_CONNECTIONS   # a pool of one for every process
+    if embedded:
+        fix = ("it keeps the max_connections it was started with: stop it (enhanced_ipc_commands.py db_stop, "
+               "once DIMS is stopped) and DIMS starts it again with room for [database] max_connections")
+    elif smallest <= room:
         fix = (f"set [database] max_connections = {room} (the pools then shrink to fit), or raise the server's "
                f"max_connections to {wanted.total + superuser_reserved} or more")
     else:
-        fix = f"raise the server's max_connections to {smallest + superuser_reserved} or more, or run fewer bots"
+        fix = (f"raise the server's max_connections to {wanted.total + superuser_reserved} or more (or to "
+               f"{smallest + superuser_reserved}, with [database] max_connections = {smallest}), or run fewer bots")
     return (f"the fleet needs up to {wanted.total} database connections ({wanted.explain()}), but {target} "
             f"has max_connections = {server_max} with superuser_reserved_connections = {superuser_reserved}, "
             f"so {room} for everyone else: {fix}")
 
 
-def server_refusal(db, db_config: DatabaseConfig, processes: int) -> str | None:
+def server_refusal(db, db_config: DatabaseConfig, processes: int, embedded: bool = False) -> str | None:
     """Read the server's two settings over `db` (a pool, `db_pool.ConnectionManager`) and say why
     the fleet cannot fit, or None."""
     server_max, superuser_reserved = db.fetchone(SETTINGS_SQL)
-    return refusal(db_config, processes, server_max, superuser_reserved, db.target)
+    return refusal(db_config, processes, server_max, superuser_reserved, db.target, embedded)

@@ -69,7 +69,7 @@ def database_agent_main(config: Config, log_level: str, fleet: int, conn: mpc.Co
         manager = DatabaseIntegrationManager(config, role="supervisor", pool_max=1)
         try:
             db = manager.initialize_database_coordination(migrate=True)
-            refused = server_refusal(db, config.database, fleet)
+            refused = server_refusal(db, config.database, fleet, embedded=manager.embedded is not None)
         except DatabaseError as exc:
             conn.send_bytes(Message(Kind.FAILED, {"reason": str(exc)}).encode())
             return

@@ -41,7 +41,6 @@ _BIN_GLOBS = ("/usr/lib/postgresql/*/bin", "/usr/pgsql-*/bin", "/usr/local/pgsql
               "/opt/homebrew/opt/postgresql*/bin", "/usr/local/opt/postgresql*/bin",
               "/Applications/Postgres.app/Contents/Versions/*/bin")
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for ".s.PGSQL.5432"
-_STARTING = ("is starting up", "in recovery mode", "not yet accepting connections")
 LOCK_POLL_FIRST = 0.01  # s: the first wait for the start-up lock; the waits double from here
 LOCK_POLL_CAP = 0.1     # s: and stop growing here, so a released lock is taken soon
 
@@ -173,40 +172,40 @@ class EmbeddedPostgres:
         return None
 
     def running_pid(self) -> int | None:
-        """The postmaster's pid while one runs on this cluster (its lock file names a live
-        postgres process), whether or not it lets anyone in."""
+        """The postmaster's pid while one runs on this cluster, whether or not it lets anyone in:
+        the pid its lock file names, if that process works in this cluster's data directory (a
+        stale lock file's pid may since belong to anything)."""
         pid = self.server_pid()
         if pid is None:
             return None
         try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except FileNotFoundError:
+            return None
+        except OSError:   # no /proc (not Linux), or not ours to read: a live process is all that can be told
             try:
-                os.kill(pid, 0)   # no /proc (not Linux): a live process is all that can be told
+                os.kill(pid, 0)
             except ProcessLookupError:
                 return None
             except PermissionError:
                 pass
             return pid
-        return pid if b"postgres" in command else None
+        return pid if Path(cwd) == self.pgdata.resolve() else None
 
     def ensure_running(self, timeout: float = 60.0) -> str:
-        """Start the server unless it already runs; return its DSN. A running server that will
-        not let us in is not started again: one starting up or recovering is waited for (up to
-        `timeout`), one that refuses (all its connections taken) is a DatabaseError saying so."""
-        refusal = self.refusal()
-        if refusal is None:
+        """Start the server unless it already runs; return its DSN. A running server that does
+        not let us in yet (starting up, recovering, its socket not made yet) is waited for, up to
+        `timeout`, never started a second time; one whose connections are all taken is a
+        DatabaseError saying so at once."""
+        deadline = time.monotonic() + timeout
+        if self._wait_while_running(deadline) is None:
             return self.dsn
-        if self.running_pid() is not None:
-            return self._wait_for_running(refusal, timeout)
         bin_dir = find_postgres_bin()
         lock_path = self.data_dir / "postgres.lock"
         with open(lock_path, "a") as lock:
             _flock(lock, timeout)
-            if self.is_accepting():  # someone else started it while we waited
+            if self._wait_while_running(deadline) is None:   # someone else started it while we waited
                 return self.dsn
-            if self.running_pid() is not None:
-                return self._wait_for_running(self.refusal() or "", timeout)
             self._own_dir(self.root)
             self._own_dir(self.socket_dir)
             if self.root != self.data_dir / "postgres":
@@ -216,19 +215,25 @@ class EmbeddedPostgres:
             self._start(bin_dir, timeout)
         return self.dsn
 
-    def _wait_for_running(self, refusal: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
+    def _wait_while_running(self, deadline: float) -> str | None:
+        """None once the server lets us in; while a postmaster runs on this cluster and does not,
+        wait (DatabaseError when all its connections are taken, or at the deadline); else why
+        nothing answered (nothing runs: the caller may start it)."""
         delays = Backoff(0.05, 1.0)
-        while refusal and any(marker in refusal for marker in _STARTING) and time.monotonic() < deadline:
-            time.sleep(min(delays.next(), max(0.0, deadline - time.monotonic())))
+        while True:
             refusal = self.refusal()
-        if not refusal:
-            return self.dsn
-        pid = self.running_pid()
-        if server_is_full(refusal):
-            raise DatabaseError(f"the embedded PostgreSQL in {self.pgdata} (pid {pid}) runs but lets no one in: "
-                                f"too many connections, every slot of its max_connections is taken ({refusal})")
-        raise DatabaseError(f"the embedded PostgreSQL in {self.pgdata} (pid {pid}) runs but lets no one in: {refusal}")
+            if refusal is None:
+                return None
+            pid = self.running_pid()
+            if pid is None:
+                return refusal
+            if server_is_full(refusal):
+                raise DatabaseError(f"the embedded PostgreSQL in {self.pgdata} (pid {pid}) runs but lets no one in: "
+                                    f"too many connections, every slot of its max_connections is taken ({refusal})")
+            if time.monotonic() >= deadline:
+                raise DatabaseError(f"the embedded PostgreSQL in {self.pgdata} (pid {pid}) runs but lets no one in: "
+                                    f"{refusal}")
+            time.sleep(min(delays.next(), max(0.0, deadline - time.monotonic())))
 
     def _initdb(self, bin_dir: Path, timeout: float) -> None:
         log.info("creating the embedded PostgreSQL cluster in %s", self.pgdata)
@@ -262,8 +267,9 @@ class EmbeddedPostgres:
             return None
 
     def stop(self, timeout: float = 30.0) -> bool:
-        """Fast shutdown (SIGINT to the postmaster); True once the server has exited."""
-        pid = self.server_pid()
+        """Fast shutdown (SIGINT to the postmaster); True once the server has exited (or none ran:
+        a stale lock file's pid is never signalled)."""
+        pid = self.running_pid()
         if pid is None:
             return True
         if not hasattr(os, "pidfd_open"):   # not Linux: ask pg_ctl, which waits for the exit

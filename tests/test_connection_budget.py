@@ -51,7 +51,13 @@ def test_a_server_too_small_is_refused_naming_both_settings_and_a_budget_that_fi
 
 def test_a_server_too_small_for_even_the_smallest_pools_says_how_big_it_must_be():
     text = refusal(DatabaseConfig(max_connections=1000), 60, 100, 3, "the server")
-    assert "raise the server's max_connections to 126 or more, or run fewer bots" in text
+    assert ("raise the server's max_connections to 306 or more (or to 126, with [database] max_connections = "
+            "123), or run fewer bots") in text
+
+
+def test_the_embedded_server_started_with_a_smaller_budget_is_to_be_stopped_and_started_again():
+    text = refusal(DatabaseConfig(max_connections=1000), 40, 100, 3, "the server", embedded=True)
+    assert "stop it (enhanced_ipc_commands.py db_stop, once DIMS is stopped)" in text
 
 
 def test_the_embedded_server_is_given_the_whole_budget_and_spare_but_never_less_than_the_default():

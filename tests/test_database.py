@@ -304,6 +304,59 @@ def _as_ordinary_user(home: str, results) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running as an ordinary user already; the root path needs root")
+def _stand_in(cwd: Path, lock_dir: Path) -> subprocess.Popen:
+    """A live process named as the postmaster in lock_dir's postmaster.pid, working in cwd."""
+    stand_in = subprocess.Popen(["sleep", "60"], cwd=cwd)
+    (lock_dir / "postmaster.pid").write_text(f"{stand_in.pid}\n{lock_dir}\n")
+    return stand_in
+
+
+def test_a_server_whose_lock_file_exists_before_its_socket_is_waited_for_not_given_up_on():
+    # A postmaster writes postmaster.pid before it makes its socket: a process asking then must
+    # wait for it (it used to fail at once with "No such file or directory").
+    home = reachable_tempdir("dims-test-pg-early-")
+    server = EmbeddedPostgres(home)
+    try:
+        server.ensure_running()
+        assert server.stop()
+        stand_in = _stand_in(server.pgdata, server.pgdata)   # "running", no socket yet
+        assert server.running_pid() == stand_in.pid
+        results: list = []
+        waiter = threading.Thread(target=lambda: results.append(_outcome(server.ensure_running, 60)))
+        waiter.start()
+        time.sleep(0.5)   # the waiter meets the lock file without a socket
+        stand_in.kill()   # and the "postmaster" goes away: the waiter starts the server itself
+        stand_in.wait(10)
+        waiter.join(90)
+        assert results and results[0] == server.dsn, results
+        assert server.is_accepting()
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _outcome(call, *args):
+    try:
+        return call(*args)
+    except Exception as exc:
+        return exc
+
+
+def test_a_stale_lock_file_naming_an_unrelated_process_is_not_taken_for_the_server(tmp_path):
+    home = reachable_tempdir("dims-test-pg-stale-")
+    server = EmbeddedPostgres(home)
+    server.pgdata.mkdir(parents=True)
+    stranger = _stand_in(tmp_path, server.pgdata)   # the pid, reused by something else
+    try:
+        assert server.server_pid() == stranger.pid and server.running_pid() is None
+        assert server.stop()
+        assert stranger.poll() is None, "db_stop must never signal a process that is not the server"
+    finally:
+        stranger.kill()
+        stranger.wait(10)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_embedded_server_runs_as_postgres_for_root_and_as_the_user_otherwise():
     root_home = reachable_tempdir("dims-test-asroot-")
     user_home = reachable_tempdir("dims-test-asuser-")
