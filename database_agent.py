@@ -167,8 +167,17 @@ def _save_desired_state(db, body: dict[str, Any]) -> None:
                "DO UPDATE SET desired_state = EXCLUDED.desired_state, updated_at = now()", body)
 
 
+def _budget(db, body: dict[str, Any]) -> dict[str, Any]:
+    """Why the server cannot hold a fleet of `processes` under the given budget (None: it can)."""
+    from config import DatabaseConfig
+    from connection_budget import server_refusal
+    budget = DatabaseConfig(pool_max=body["pool_max"], max_connections=body["max_connections"])
+    return {"refusal": server_refusal(db, budget, body["processes"], embedded=body["embedded"])}
+
+
 _REQUESTS: dict[Kind, Callable[[Any, dict[str, Any]], Any]] = {
     Kind.EVENT: _write_event, Kind.DESIRED: _desired_states, Kind.SAVE: _save_desired_state,
+    Kind.BUDGET: _budget,
 }
 
 
@@ -181,7 +190,7 @@ class DatabaseAgent:
     def __init__(self, host, config: Config, log_level: str, start_timeout: float):
         self._host, self._log_level = host, log_level
         self._config = config._replace(bots=())   # the agent needs no bot, and no token
-        self._fleet = len(config.bots)            # but it checks that the database can hold them
+        self.fleet = len(config.bots)             # but it checks that the database can hold them
         self._start_timeout = start_timeout
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_MAX)
         self._lock = threading.Lock()          # one writer on the pipe at a time
@@ -202,7 +211,7 @@ class DatabaseAgent:
 
     def _spawn(self) -> None:
         self._process, self._conn = self._host.start_process(
-            database_agent_main, (self._config, self._log_level, self._fleet), "dims-database")
+            database_agent_main, (self._config, self._log_level, self.fleet), "dims-database")
         self._started_at = time.monotonic()
         if not self._conn.poll(self._start_timeout):
             self._process.kill()
@@ -257,16 +266,29 @@ class DatabaseAgent:
         """The bots' desired states from the database, or None if no answer came in time."""
         if not names:
             return {}
+        reply = self._ask(Kind.DESIRED, {"names": names}, timeout)
+        return None if reply is None else reply.get("states")
+
+    def budget_refusal(self, config: Config, timeout: float) -> str | None:
+        """Why the server cannot hold `config`'s fleet (a reload's), or None: it can, or no answer
+        came in time (the start-up check and the bots' own connection errors still stand)."""
+        reply = self._ask(Kind.BUDGET, {"processes": len(config.bots), "pool_max": config.database.pool_max,
+                                        "max_connections": config.database.max_connections,
+                                        "embedded": not config.database.url}, timeout)
+        return None if reply is None else reply.get("refusal")
+
+    def _ask(self, kind: Kind, body: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """A request to the agent and its reply's body; None if none came within `timeout`."""
         if not self._lock.acquire(timeout=min(timeout, PIPE_WAIT_S)):
             return None   # the sender is stuck on the pipe: the agent is not answering
         try:
-            query = Message(Kind.DESIRED, {"names": names}, next(self._ids))
+            query = Message(kind, body, next(self._ids))
             self._conn.send_bytes(query.encode())
             while self._conn.poll(timeout):
                 reply = Message.decode(self._conn.recv_bytes())
                 if reply.id == query.id:
-                    return reply.body["states"]
-        except (OSError, EOFError, ValueError, KeyError):
+                    return reply.body
+        except (OSError, EOFError, ValueError, KeyError, AttributeError):
             pass
         finally:
             self._lock.release()

@@ -32,6 +32,7 @@ class Kind(str, enum.Enum):
     EVENT = "event"            # parent -> database agent: a row for dims_events
     DESIRED = "desired"        # parent -> database agent: reply with the bots' desired states
     SAVE = "save"              # parent -> database agent: record one bot's desired state
+    BUDGET = "budget"          # parent -> database agent: reply whether the server can hold a fleet
 
 
 class Message(NamedTuple):

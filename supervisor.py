@@ -639,6 +639,10 @@ class ProcessSupervisor:
             pool_max_for(fresh.database, len(fresh.bots))
         except Exception as exc:
             return {"status": "error", "reason": f"configuration not reloaded: {exc}"}
+        refused = self.agent.budget_refusal(fresh, RELOAD_STATES_WAIT_S)
+        if refused:
+            return {"status": "error", "reason": f"configuration not reloaded: {refused}"}
+        self.agent.fleet = len(fresh.bots)
         old = {c.name: c.config for c in self.children.values() if not c.removed}
         new = {b.name: b for b in fresh.bots}
         for name, child in self.children.items():   # removed, still stopping, and configured again

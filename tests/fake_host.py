@@ -266,6 +266,12 @@ class FakeAgent:
     def desired_states(self, names: list[str], timeout: float) -> dict[str, str]:
         return {name: self.desired.get(name, "running") for name in names}
 
+    fleet = 0
+    refusal: str | None = None   # what the database says of the next fleet it is asked to hold
+
+    def budget_refusal(self, config, timeout: float) -> str | None:
+        return self.refusal
+
     def record(self, bot, kind, message="", *, state_from=None, state_to=None, pid=None, **detail) -> None:
         self.events.append((bot, kind, message, state_from, state_to))
 

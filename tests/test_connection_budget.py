@@ -19,6 +19,7 @@ from connection_budget import embedded_max_connections, need, refusal
 from multiprocess_connection_manager import EmbeddedPostgres
 from tests.conftest import ROOT, reachable_tempdir
 from tests.support import write_config
+from tests.test_supervisor import SUPERVISOR_SETTINGS, Fleet, sandbox  # noqa: F401 (fixture)
 
 CLI = [sys.executable, str(ROOT / "enhanced_ipc_commands.py")]
 
@@ -160,3 +161,18 @@ def test_a_full_embedded_server_is_reported_as_full_and_never_started_twice():
             conn.close()
         server.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_reload_the_server_cannot_hold_is_refused_and_the_fleet_runs_on(small_server, tmp_path, sandbox):
+    fleet = Fleet(tmp_path, small_server.dsn, sandbox, {"alpha": {}})   # 1 x (4 + 1) + 3 = 8: fits in 9
+    try:
+        fleet.start(["alpha"])
+        pid = fleet.row("alpha")["pid"]
+        write_config(fleet.config, {"alpha": {}, "beta": {}}, extra=SUPERVISOR_SETTINGS)   # 13: does not
+        answer = fleet.ctl({"command": "reload"})
+        assert answer["status"] == "error", answer
+        assert "not reloaded: the fleet needs up to 13 database connections" in answer["reason"]
+        assert [b["name"] for b in fleet.ctl({"command": "bot_list"})["bots"]] == ["alpha"]
+        assert fleet.row("alpha")["pid"] == pid
+    finally:
+        fleet.close()

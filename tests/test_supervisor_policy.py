@@ -329,6 +329,20 @@ def test_reload_starts_added_bots_stops_removed_ones_and_restarts_changed_ones(t
     assert len(fleet.host.of("alpha")) == 1 and fleet.child("alpha").restarts == 0
 
 
+def test_a_reload_whose_fleet_the_database_cannot_hold_is_refused_and_changes_nothing(tmp_path):
+    tokens = {**TOKENS, "gamma": "7000003:AAFakeTokenForTestsOnly_gamma0000000"}
+    fleet = Fleet(tmp_path, bots=("alpha", "beta"))
+    fleet.run_until(lambda: fleet.state("beta") is State.RUNNING, within=1)
+    write_config(fleet.config.path, ("alpha", "beta", "gamma"), literal_tokens=tokens)
+    fleet.agent.refusal = "the fleet needs up to 18 database connections ..."
+    answer = fleet.sup.reload()
+    assert answer == {"status": "error", "reason": "configuration not reloaded: the fleet needs up to 18 "
+                                                   "database connections ..."}
+    assert "gamma" not in fleet.sup.children and fleet.state("alpha") is State.RUNNING
+    fleet.agent.refusal = None
+    assert fleet.sup.reload()["added"] == ["gamma"] and fleet.agent.fleet == 3
+
+
 def test_a_process_that_cannot_be_started_is_retried_with_backoff_and_the_supervisor_carries_on(tmp_path):
     fleet = Fleet(tmp_path, bots=("alpha", "beta"))
     fleet.run_until(lambda: fleet.state("beta") is State.RUNNING, within=1)
