@@ -25,7 +25,8 @@ SPARE_CONNECTIONS = 10   # the embedded server's room beyond DIMS's budget: supe
 EMBEDDED_MIN_CONNECTIONS = 100   # never fewer than PostgreSQL's own default
 
 SETTINGS_SQL = ("SELECT current_setting('max_connections')::int, "
-                "current_setting('superuser_reserved_connections')::int")
+                "current_setting('superuser_reserved_connections')::int, "
+                "coalesce(current_setting('reserved_connections', true)::int, 0)")   # PostgreSQL 16+
 
 
 class Need(NamedTuple):
@@ -53,10 +54,12 @@ def embedded_max_connections(db: DatabaseConfig) -> int:
 
 
 def refusal(db: DatabaseConfig, processes: int, server_max: int, superuser_reserved: int,
-            target: str, embedded: bool = False) -> str | None:
-    """Why the server cannot hold the fleet, naming its two settings and what would fit; None
-    when it fits. `embedded`: the server is DIMS's own, started earlier with a smaller budget."""
+            target: str, embedded: bool = False, reserved: int = 0) -> str | None:
+    """Why the server cannot hold the fleet, naming its settings and what would fit; None when
+    it fits. `embedded`: the server is DIMS's own, started earlier with a smaller budget;
+    `reserved`: PostgreSQL 16's `reserved_connections` (for roles with pg_use_reserved_connections)."""
     wanted = need(db, processes)
+    superuser_reserved += reserved   # both kept from everyone else
     room = server_max - superuser_reserved
     if wanted.total <= room:
         return None
@@ -70,13 +73,14 @@ def refusal(db: DatabaseConfig, processes: int, server_max: int, superuser_reser
     else:
         fix = (f"raise the server's max_connections to {wanted.total + superuser_reserved} or more (or to "
                f"{smallest + superuser_reserved}, with [database] max_connections = {smallest}), or run fewer bots")
+    kept = (f"superuser_reserved_connections = {superuser_reserved - reserved} and reserved_connections = "
+            f"{reserved}" if reserved else f"superuser_reserved_connections = {superuser_reserved}")
     return (f"the fleet needs up to {wanted.total} database connections ({wanted.explain()}), but {target} "
-            f"has max_connections = {server_max} with superuser_reserved_connections = {superuser_reserved}, "
-            f"so {room} for everyone else: {fix}")
+            f"has max_connections = {server_max} with {kept}, so {room} for everyone else: {fix}")
 
 
 def server_refusal(db, db_config: DatabaseConfig, processes: int, embedded: bool = False) -> str | None:
     """Read the server's two settings over `db` (a pool, `db_pool.ConnectionManager`) and say why
     the fleet cannot fit, or None."""
-    server_max, superuser_reserved = db.fetchone(SETTINGS_SQL)
-    return refusal(db_config, processes, server_max, superuser_reserved, db.target, embedded)
+    server_max, superuser_reserved, reserved = db.fetchone(SETTINGS_SQL)
+    return refusal(db_config, processes, server_max, superuser_reserved, db.target, embedded, reserved)

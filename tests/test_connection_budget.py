@@ -61,6 +61,12 @@ def test_the_embedded_server_started_with_a_smaller_budget_is_to_be_stopped_and_
     assert "stop it (enhanced_ipc_commands.py db_stop, once DIMS is stopped)" in text
 
 
+def test_postgresql_16s_reserved_connections_are_kept_from_the_fleet_too():
+    text = refusal(DatabaseConfig(), 2, 20, 3, "the server", reserved=5)   # 2 x 5 + 3 = 13 > 20 - 8
+    assert "superuser_reserved_connections = 3 and reserved_connections = 5, so 12 for everyone else" in text
+    assert refusal(DatabaseConfig(), 2, 21, 3, "the server", reserved=5) is None
+
+
 def test_the_embedded_server_is_given_the_whole_budget_and_spare_but_never_less_than_the_default():
     assert embedded_max_connections(DatabaseConfig(max_connections=80)) == 100
     assert embedded_max_connections(DatabaseConfig(max_connections=1000)) == 1010
