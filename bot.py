@@ -50,7 +50,7 @@ from multiprocess_connection_manager import (
     ConnectionManager, DatabaseError, DatabaseIntegrationManager, is_database_outage, refuses_us,
 )
 from states import EXIT_FAILED, EXIT_OK, EXIT_START_FAILED, EXIT_TOKEN_REJECTED, EXIT_USAGE
-from telegram_retry import ClassifyingRequest, RetryInterrupted, RetryingRateLimiter, TelegramUnavailable
+from telegram_retry import ClassifyingRequest, RetryInterrupted, RetryingRateLimiter, TelegramUnavailable, seconds
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class BotRunner:
                                                          allowed_updates=ALLOWED_UPDATES)
             except RetryAfter as exc:
                 log.warning("Telegram asks to wait %s s before polling again (429)", exc.retry_after)
-                await asyncio.sleep(_seconds(exc.retry_after))
+                await asyncio.sleep(seconds(exc.retry_after))
                 continue
             except InvalidToken:
                 log.error("Telegram rejected this bot's token (401 Unauthorized): check the token; not retrying")
@@ -489,10 +489,6 @@ def _chat_key(update: Update) -> int:
     return -update.update_id
 
 
-def _seconds(value: Any) -> float:
-    return value.total_seconds() if hasattr(value, "total_seconds") else float(value)
-
-
 @functools.lru_cache(maxsize=1)
 def tls_context() -> ssl.SSLContext:
     """One TLS context for every HTTP client of this process, with the CA bundle loaded once
@@ -580,10 +576,12 @@ async def _run(bot_config: BotConfig, config: Config, migrate: bool, pool_max: i
     hooks.started(stop)
     manager = DatabaseIntegrationManager(config, role=f"bot:{bot_config.name}", pool_max=pool_max)
     try:
+        refused = None
         try:
             db = await _connect(manager, migrate, stop, hooks)
-            refused = db is not None and check_budget and await loop.run_in_executor(
-                None, server_refusal, db, config.database, 1, manager.embedded is not None)
+            if db is not None and check_budget:
+                refused = await loop.run_in_executor(None, server_refusal, db, config.database, 1,
+                                                     manager.embedded is not None)
         except DatabaseError as exc:
             log.error("cannot start: %s", exc)
             return EXIT_START_FAILED

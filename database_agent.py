@@ -1,9 +1,10 @@
 """The supervisor's database agent: a small process beside the bots that does the supervisor's
 database work, so the supervisor itself never loads psycopg2 and never waits on the database.
 
-At start it applies the migrations (before any bot starts); then it keeps the bots' desired
-states (`dims_bots`: a bot an operator stopped stays stopped across restarts) and writes the
-event log (`dims_events`), waiting out database outages with backoff.
+At start it applies the migrations (before any bot starts) and checks that the server's
+`max_connections` can hold the fleet (`connection_budget`; a reload asks again); then it keeps
+the bots' desired states (`dims_bots`: a bot an operator stopped stays stopped across restarts)
+and writes the event log (`dims_events`), waiting out database outages with backoff.
 
 Two halves: `database_agent_main`, the entry of the agent process (forked like the bots), and
 `DatabaseAgent`, the supervisor's side: events and desired-state changes go out from one sender
@@ -11,8 +12,9 @@ thread through a bounded queue, so the supervisor loop never waits on those writ
 desired states waits, with a deadline). The supervisor's loop watches the agent's process like a
 bot's (`sentinel`): a death is logged at once (`on_exit`) and the sender thread starts a new
 agent, with a backoff when one dies soon after its start; what was queued is sent to the new
-one, and `status()` reports it for bot_list and system_health. Imports at the top: the standard library, `backoff`, `config`,
-`pipe_protocol`, `process_setup`, `states`; the database layer only inside the agent process.
+one, and `status()` reports it for bot_list and system_health. Imports at the top: the standard
+library, `backoff`, `config`, `connection_budget`, `pipe_protocol`, `process_setup`, `states`; the
+database layer only inside the agent process.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import time
 from typing import Any, Callable
 
 from backoff import Backoff
-from config import Config, install_log_redaction
+from config import Config, DatabaseConfig, install_log_redaction
+from connection_budget import server_refusal
 from pipe_protocol import Kind, Message
 from process_setup import prepare_child
 from states import State, describe_exit
@@ -64,7 +67,6 @@ def database_agent_main(config: Config, log_level: str, fleet: int, conn: mpc.Co
         logging.basicConfig(level=log_level, format="%(asctime)s database agent: %(levelname)s %(name)s: %(message)s",
                             force=True)
         install_log_redaction(config.secrets())
-        from connection_budget import server_refusal
         from multiprocess_connection_manager import DatabaseError, DatabaseIntegrationManager
         manager = DatabaseIntegrationManager(config, role="supervisor", pool_max=1)
         try:
@@ -169,8 +171,6 @@ def _save_desired_state(db, body: dict[str, Any]) -> None:
 
 def _budget(db, body: dict[str, Any]) -> dict[str, Any]:
     """Why the server cannot hold a fleet of `processes` under the given budget (None: it can)."""
-    from config import DatabaseConfig
-    from connection_budget import server_refusal
     budget = DatabaseConfig(pool_max=body["pool_max"], max_connections=body["max_connections"])
     return {"refusal": server_refusal(db, budget, body["processes"], embedded=body["embedded"])}
 

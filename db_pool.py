@@ -2,7 +2,8 @@
 
 `ConnectionManager` is a bounded pool a process builds inside itself; `with db.transaction() as
 tx:` is a transaction, and the one-shot helpers run one query string each. A forked child that
-inherits a manager gets a fresh pool and leaves the parent's sessions alone. `DatabaseError`
+inherits a manager gets a fresh pool and leaves the parent's sessions alone. A connection idle
+for longer than `idle_timeout` beyond `minconn` is closed at the pool's next use. `DatabaseError`
 (and `PoolTimeout`) describe a problem for an operator: they name the server, never the password.
 
 Called by the rest of the database layer (`migrator`, `embedded_postgres`, and the start-up path

@@ -3,7 +3,11 @@
 `EmbeddedPostgres(data_dir).ensure_running()` finds initdb and pg_ctl (`find_postgres_bin()`),
 creates the cluster under `{data_dir}/postgres` on first use, starts it with a unix socket only
 and returns its DSN; processes starting it at the same time serialise on a file lock and get one
-server. As root it runs the server as the `postgres` OS user. `stop()` is a fast shutdown.
+server, started with the `max_connections` it is given. A server already running is never started
+a second time: one that does not let us in yet (starting up, recovering) is waited for, one whose
+connections are all taken is an error saying so; `running_pid()` trusts a lock file's pid only
+if that process works in this cluster. As root it runs the server as the `postgres` OS user.
+`stop()` is a fast shutdown.
 
 Called by the start-up path (`multiprocess_connection_manager`, which re-exports it for the CLI's
 `db_stop` and `system_health`), the test fixtures and the benchmarks. Imports the standard

@@ -21,8 +21,9 @@ once Telegram answers a call and no failed call is waiting any more (a call that
 meanwhile does not end the problem of one that still fails, and a call that gives up does not
 end it either: the next answer does). A stop asked for meanwhile ends the wait with `RetryInterrupted`.
 
-Called by `bot.build_application` and the bot's runner. Imports telegram and `backoff`; never the
-bot, the database layer or the supervisor.
+Called by `bot.build_application` (the limiter, and `ClassifyingRequest` as its HTTP client) and
+the bot's runner (`unsettled`: after a call gave up, it asks Telegram with a getMe). Imports
+telegram and `backoff`; never the bot, the database layer or the supervisor.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, RetryAfter) or (isinstance(error, NetworkError) and not isinstance(error, BadRequest))
 
 
-_CLASSIFIED_4XX = (401, 403, 404, 409, 429)   # python-telegram-bot raises its own error for these
-_TRANSIENT_4XX = (408, 425)   # Request Timeout (a proxy tired of a slow request), Too Early: a blip
+# 4xx answers left as python-telegram-bot raises them: 401, 403, 404, 409 and 429 have their own
+# error classes; 408 (a proxy tired of a slow request) and 425 (Too Early) are blips, retried.
+_LEFT_AS_THEY_ARE = frozenset({401, 403, 404, 408, 409, 425, 429})
 
 
 class ClassifyingRequest(HTTPXRequest):
@@ -69,7 +71,7 @@ class ClassifyingRequest(HTTPXRequest):
 
     async def do_request(self, *args: Any, **kwargs: Any) -> tuple[int, bytes]:
         code, payload = await super().do_request(*args, **kwargs)
-        if 400 < code < 500 and code not in _CLASSIFIED_4XX + _TRANSIENT_4XX:
+        if 400 < code < 500 and code not in _LEFT_AS_THEY_ARE:
             return HTTPStatus.BAD_REQUEST, _described(code, payload)
         return code, payload
 
@@ -87,8 +89,9 @@ def _described(code: int, payload: bytes) -> bytes:
     return json.dumps({"ok": False, "error_code": code, "description": text}).encode()
 
 
-def _seconds(value: Any) -> float:
-    return value.total_seconds() if hasattr(value, "total_seconds") else float(value)
+def seconds(value: Any) -> float:
+    """A retry_after (an int, or a timedelta in newer python-telegram-bot) in seconds."""
+    return value.totalseconds() if hasattr(value, "total_seconds") else float(value)
 
 
 async def _sleep(delay: float) -> bool:
@@ -146,7 +149,7 @@ class RetryingRateLimiter(AIORateLimiter):
                         raise TelegramUnavailable(f"{endpoint} failed for {now - first_failure:.0f} s "
                                                   f"(the bound is {self.retry_for:g} s): {_describe(exc)}") from exc
                     if isinstance(exc, RetryAfter):
-                        delay = _seconds(exc.retry_after) + 0.1
+                        delay = seconds(exc.retry_after) + 0.1
                         self._paused_until = max(self._paused_until, now + delay)
                         backoff.next()    # counts the failure, for the doubling of the log
                     else:
@@ -165,5 +168,5 @@ class RetryingRateLimiter(AIORateLimiter):
 
 def _describe(error: BaseException) -> str:
     if isinstance(error, RetryAfter):
-        return f"429, retry after {_seconds(error.retry_after):g} s"
+        return f"429, retry after {seconds(error.retry_after):g} s"
     return f"{type(error).__name__}: {error}"
