@@ -7,6 +7,7 @@ to run against a server you already have instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -29,6 +30,20 @@ def reachable_tempdir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
     return path
+
+
+@contextlib.contextmanager
+def private_postgres(prefix: str, subdir: str = "", max_connections: int | None = None):
+    """A PostgreSQL of a test's own (the embedded server in a fresh directory, `subdir` of it
+    when given: DIMS's data directory), running; stopped and removed afterwards."""
+    home = reachable_tempdir(prefix)
+    server = EmbeddedPostgres(home / subdir if subdir else home, max_connections=max_connections)
+    try:
+        server.ensure_running()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 from config import DatabaseConfig
 from connection_budget import embedded_max_connections, need, refusal
 from multiprocess_connection_manager import EmbeddedPostgres
-from tests.conftest import ROOT, reachable_tempdir
+from tests.conftest import ROOT, private_postgres, reachable_tempdir
 from tests.support import write_config
 from tests.test_supervisor import SUPERVISOR_SETTINGS, Fleet, sandbox  # noqa: F401 (fixture)
 
@@ -78,14 +78,8 @@ def test_the_embedded_server_is_given_the_whole_budget_and_spare_but_never_less_
 @pytest.fixture
 def small_server():
     """A PostgreSQL of 12 connections (3 of them for superusers), as an external server would be."""
-    home = reachable_tempdir("dims-test-budget-")
-    server = EmbeddedPostgres(home, max_connections=12)
-    server.ensure_running()
-    try:
+    with private_postgres("dims-test-budget-", max_connections=12) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_the_embedded_server_dims_starts_fits_the_configured_budget(tmp_path):
@@ -120,10 +114,8 @@ def test_a_fleet_the_server_cannot_hold_is_refused_at_start_with_exit_2(small_se
 
 
 def test_single_refuses_a_server_that_cannot_hold_even_one_bot(tmp_path):
-    home = reachable_tempdir("dims-test-budget-single-")
-    server = EmbeddedPostgres(home, max_connections=7)   # 4 for non-superusers; one bot needs 4 + 1 + 3
-    server.ensure_running()
-    try:
+    # 4 for non-superusers; one bot needs 4 + 1 + 3
+    with private_postgres("dims-test-budget-single-", max_connections=7) as server:
         config = write_config(tmp_path / "dims.toml")
         env = _env(DATABASE_URL=server.dsn, DIMS_DATA_DIR=str(tmp_path / "var"),
                    ALPHA_TOKEN="7000001:AAFakeTokenForTestsOnly_alpha00000000")
@@ -131,42 +123,37 @@ def test_single_refuses_a_server_that_cannot_hold_even_one_bot(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, done.stderr[-3000:]
         assert "max_connections = 7 with superuser_reserved_connections = 3, so 4" in done.stderr
-    finally:
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_a_full_embedded_server_is_reported_as_full_and_never_started_twice():
-    home = reachable_tempdir("dims-test-budget-full-")
-    server = EmbeddedPostgres(home / "var", max_connections=6)
-    server.ensure_running()
-    pid = server.server_pid()
-    held = []
-    try:
-        while True:   # take every slot, the superusers' too
-            try:
-                held.append(psycopg2.connect(server.dsn.replace("dbname=dims", "dbname=postgres")))
-            except psycopg2.OperationalError as exc:
-                assert "too many clients" in str(exc)
-                break
-        env = _env()
-        status = subprocess.run([*CLI, "db_status"], env=env, cwd=home, capture_output=True, text=True, timeout=60)
-        assert status.returncode == 1
-        out = status.stdout + status.stderr
-        assert "too many connections" in out and f"(pid {pid}) runs but lets no one in" in out, out
-        assert "lock file" not in out and "did not start" not in out
-        health = subprocess.run([*CLI, "system_health", "--json"], env=env, cwd=home, capture_output=True,
-                                text=True, timeout=60)
-        assert health.returncode == 1
-        database = json.loads(health.stdout)["database"]
-        assert database["status"] == "down" and "too many connections" in database["reason"], database
-        assert server.server_pid() == pid
-        assert "starting the embedded PostgreSQL" not in status.stderr + health.stderr
-    finally:
-        for conn in held:
-            conn.close()
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    with private_postgres("dims-test-budget-full-", subdir="var", max_connections=6) as server:
+        home = server.data_dir.parent
+        pid = server.server_pid()
+        held = []
+        try:
+            while True:   # take every slot, the superusers' too
+                try:
+                    held.append(psycopg2.connect(server.dsn.replace("dbname=dims", "dbname=postgres")))
+                except psycopg2.OperationalError as exc:
+                    assert "too many clients" in str(exc)
+                    break
+            env = _env()
+            status = subprocess.run([*CLI, "db_status"], env=env, cwd=home, capture_output=True, text=True,
+                                    timeout=60)
+            assert status.returncode == 1
+            out = status.stdout + status.stderr
+            assert "too many connections" in out and f"(pid {pid}) runs but lets no one in" in out, out
+            assert "lock file" not in out and "did not start" not in out
+            health = subprocess.run([*CLI, "system_health", "--json"], env=env, cwd=home, capture_output=True,
+                                    text=True, timeout=60)
+            assert health.returncode == 1
+            database = json.loads(health.stdout)["database"]
+            assert database["status"] == "down" and "too many connections" in database["reason"], database
+            assert server.server_pid() == pid
+            assert "starting the embedded PostgreSQL" not in status.stderr + health.stderr
+        finally:
+            for conn in held:
+                conn.close()
 
 
 def test_a_reload_the_server_cannot_hold_is_refused_and_the_fleet_runs_on(small_server, tmp_path, sandbox):

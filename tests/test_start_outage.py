@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from multiprocess_connection_manager import EmbeddedPostgres
 from telegram_sandbox import Sandbox
-from tests.conftest import ROOT, reachable_tempdir
+from tests.conftest import ROOT, private_postgres
 from tests.support import ADMIN, TOKENS, Chat, DimsProcess, dims_env, write_config
 from tests.test_bot import _cli_json, _wait_for
 
@@ -29,14 +28,8 @@ TOKEN = TOKENS["alpha"]
 
 @pytest.fixture
 def own_postgres():
-    home = reachable_tempdir("dims-test-start-outage-")
-    server = EmbeddedPostgres(home)
-    server.ensure_running()
-    try:
+    with private_postgres("dims-test-start-outage-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
