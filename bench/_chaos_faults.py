@@ -199,14 +199,22 @@ class Injector:
         record.skipped = True
         return record
 
-    def _kill_bot(self, number: int, kind: str, rng: random.Random) -> FaultRecord:
+    def _signal_bot(self, number: int, kind: str, rng: random.Random, signum: int):
+        """Send `signum` to a random RUNNING bot: (name, pid, start ticks, when), or the skip record."""
         picked = self._pick_bot(number, kind, rng)
         if isinstance(picked, FaultRecord):
             return picked
         name, pid, ticks = picked
         start = self.clock()
-        if not signal_process(pid, ticks, signal.SIGKILL):
+        if not signal_process(pid, ticks, signum):
             return self._skip(number, kind, f"bot {name}'s process {pid} was gone")
+        return name, pid, ticks, start
+
+    def _kill_bot(self, number: int, kind: str, rng: random.Random) -> FaultRecord:
+        signalled = self._signal_bot(number, kind, rng, signal.SIGKILL)
+        if isinstance(signalled, FaultRecord):
+            return signalled
+        name, pid, _, start = signalled
         return FaultRecord(number, kind, start, f"kill -9 bot {name} (pid {pid})", [name])
 
     def _kill_agent(self, number: int, kind: str, rng: random.Random) -> FaultRecord:
@@ -260,13 +268,10 @@ class Injector:
         return record
 
     def _sigstop_bot(self, number: int, kind: str, rng: random.Random) -> FaultRecord:
-        picked = self._pick_bot(number, kind, rng)
-        if isinstance(picked, FaultRecord):
-            return picked
-        name, pid, ticks = picked
-        start = self.clock()
-        if not signal_process(pid, ticks, signal.SIGSTOP):
-            return self._skip(number, kind, f"bot {name}'s process {pid} was gone")
+        signalled = self._signal_bot(number, kind, rng, signal.SIGSTOP)
+        if isinstance(signalled, FaultRecord):
+            return signalled
+        name, pid, ticks, start = signalled
         self.stopped[pid] = ticks
         record = FaultRecord(number, kind, start, f"SIGSTOP bot {name} (pid {pid}) for {SIGSTOP_S:g} s", [name])
         self.tracker.say(self._line(record))
